@@ -1,0 +1,4 @@
+from dsbs_ray.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def dsbs(*args, cwd=None, env=None):
+    """Run the installed `dsbs` console script (the one beside this Python)."""
+    exe = Path(sys.executable).with_name("dsbs")
+    assert exe.exists(), f"console script not installed at {exe}"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_teacher_report_prints_one_json_line(data_dir):
+    r = dsbs("teacher-report", "--task", "cqa", "--split", "test", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == {"task": "cqa", "split": "test", "n": 1221, "accuracy": 0.7723,
+                                    "parse_failures": 0}
+
+
+def test_teacher_report_data_dir_from_env(data_dir, tmp_path):
+    import os
+    env = dict(os.environ, DSBS_DATA_DIR=str(data_dir))
+    r = dsbs("teacher-report", "--task", "anli1", "--split", "valid", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == 0.668
+
+
+def _assert_one_line_error(r, *needles):
+    assert r.returncode != 0
+    assert r.stdout == ""
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_unknown_task_lists_known_tasks(data_dir):
+    r = dsbs("teacher-report", "--task", "gsm8k", "--split", "test", "--data-dir", str(data_dir))
+    _assert_one_line_error(r, "gsm8k", "cqa", "svamp", "asdiv", "esnli", "anli1")
+
+
+def test_missing_teacher_file_names_path(tmp_path, data_dir):
+    (tmp_path / "svamp").mkdir()
+    shutil.copy(data_dir / "svamp" / "svamp_test.json", tmp_path / "svamp")
+    r = dsbs("teacher-report", "--task", "svamp", "--split", "test", "--data-dir", str(tmp_path))
+    _assert_one_line_error(r, str(tmp_path / "svamp" / "llm" / "test_CoT_0.json"))
+
+
+def test_count_mismatch_names_both_counts(tmp_path, data_dir):
+    (tmp_path / "svamp" / "llm").mkdir(parents=True)
+    shutil.copy(data_dir / "svamp" / "svamp_test.json", tmp_path / "svamp")
+    outputs = json.loads((data_dir / "svamp" / "llm" / "test_CoT_0.json").read_text())
+    (tmp_path / "svamp" / "llm" / "test_CoT_0.json").write_text(json.dumps(outputs[:150]))
+    r = dsbs("teacher-report", "--task", "svamp", "--split", "test", "--data-dir", str(tmp_path))
+    _assert_one_line_error(r, "150 teacher outputs", "200 rows")
+
+
+def test_missing_data_dir(tmp_path):
+    r = dsbs("teacher-report", "--task", "cqa", "--split", "test", "--data-dir", str(tmp_path / "nope"))
+    _assert_one_line_error(r, str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("args", [["teacher-report", "--split", "test"], ["no-such-command"]])
+def test_bad_flags_exit_nonzero_without_traceback(args):
+    r = dsbs(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+
+
+def test_module_entry_point_matches_script(data_dir):
+    r = subprocess.run([sys.executable, "-m", "dsbs_ray", "tasks"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    names = [json.loads(line)["task"] for line in r.stdout.splitlines()]
+    assert names == ["cqa", "svamp", "asdiv", "esnli", "anli1"]
