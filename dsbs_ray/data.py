@@ -4,10 +4,15 @@ joined to their rows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from dsbs_ray.errors import UserError
 from dsbs_ray.tasks import Example, Task
@@ -65,3 +70,114 @@ def attach_teacher(examples: list[Example], outputs: list[str], task: Task, wher
             AnnotatedExample(example.id, example.input, example.gold, parsed.rationale, parsed.label, parsed.status)
         )
     return annotated
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization (once per content, cached on disk) and length-bucketed batches with dynamic padding.
+
+PREDICT_PREFIX = "predict: "
+EXPLAIN_PREFIX = "explain: "
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSBS_CACHE", Path.home() / ".cache" / "dsbs"))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies what a tokenizer does (class and vocabulary), not where it was loaded from."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([type(tokenizer).__name__, tokenizer.eos_token, tokenizer.pad_token_id, vocab])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenize_split(
+    rows: list[dict], tokenizer, *, prefixes: bool, explain_inputs: bool, rationale: bool,
+    max_input_length: int, max_target_length: int,
+) -> dict:
+    """Token ids for one split. rows: dicts with id, input, label (and rationale when `rationale`).
+
+    prefixes: inputs become 'predict: x', the paper's multi-task format (else the raw input, for
+    standard finetuning/distillation); explain_inputs adds 'explain: x'; rationale adds its targets.
+    Cached under DSBS_CACHE by a hash of the rows, the tokenizer and the lengths, written
+    atomically so concurrent workers or runs never read a half-written file.
+    """
+    key = hashlib.sha256(json.dumps(
+        [tokenizer_fingerprint(tokenizer), prefixes, explain_inputs, rationale, max_input_length,
+         max_target_length, [(r["id"], r["input"], r["label"], r.get("rationale")) for r in rows]]
+    ).encode()).hexdigest()[:24]
+    path = cache_dir() / "tokens" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+
+    def ids(texts, max_length):
+        return tokenizer(list(texts), max_length=max_length, truncation=True)["input_ids"] if rows else []
+
+    out = {
+        "input_ids": ids(((PREDICT_PREFIX if prefixes else "") + r["input"] for r in rows), max_input_length),
+        "labels": ids((r["label"] for r in rows), max_target_length),
+    }
+    if explain_inputs:
+        out["expl_input_ids"] = ids((EXPLAIN_PREFIX + r["input"] for r in rows), max_input_length)
+    if rationale:
+        out["rationale_ids"] = ids((r["rationale"] for r in rows), max_target_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def example_cost(tokens: dict, i: int) -> int:
+    """A row's length for bucketing: encoder plus decoder tokens over its tasks."""
+    cost = len(tokens["input_ids"][i]) + len(tokens["labels"][i])
+    if "rationale_ids" in tokens:
+        cost += len(tokens["expl_input_ids"][i]) + len(tokens["rationale_ids"][i])
+    return cost
+
+
+def bucketed_batches(costs: list[int], batch_size: int, seed: int, epoch: int, min_size: int = 1,
+                     megabatch: int = 50) -> list[list[int]]:
+    """One epoch of global batches: shuffled, then sorted by length inside mega-batches of
+    `megabatch` batches, so each batch holds rows of similar length and pads little; batch order is
+    shuffled again. Same (seed, epoch) -> same batches on every worker. A trailing batch with fewer
+    than min_size rows is dropped."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(costs))
+    batches = []
+    span = batch_size * megabatch
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span].tolist(), key=lambda i: (-costs[i], i))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) >= min_size]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shard_batch(batch: list[int], costs: list[int], world: int, rank: int, accum: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: rows sorted by length, cut into world x accum
+    contiguous, near-equal slices (similar lengths inside each slice)."""
+    rows = sorted(batch, key=lambda i: (-costs[i], i))
+    slices = np.array_split(np.array(rows, dtype=np.int64), world * accum)
+    return [s.tolist() for s in slices[rank * accum:(rank + 1) * accum]]
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded ids, attention mask) for a list of token-id lists, padded to the longest."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return out, mask
+
+
+def collate(tokens: dict, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for rows `indices`, padded to the longest row of this batch; targets padded with -100."""
+    batch = {}
+    batch["input_ids"], batch["attention_mask"] = _pad([tokens["input_ids"][i] for i in indices], pad_id)
+    batch["labels"], _ = _pad([tokens["labels"][i] for i in indices], -100)
+    if "expl_input_ids" in tokens:
+        batch["expl_input_ids"], batch["expl_attention_mask"] = _pad(
+            [tokens["expl_input_ids"][i] for i in indices], pad_id)
+        batch["rationale_ids"], _ = _pad([tokens["rationale_ids"][i] for i in indices], -100)
+    return batch

@@ -14,3 +14,17 @@ def data_dir() -> Path:
     if not (path / "cqa").is_dir():
         pytest.fail(f"test data not found at {path}; set DSBS_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Token caches of the test session go to a temp dir, not ~/.cache/dsbs."""
+    os.environ["DSBS_CACHE"] = str(tmp_path_factory.mktemp("dsbs_cache"))
+
+
+@pytest.fixture(scope="session")
+def students(tmp_path_factory) -> dict:
+    """The three tiny random-init T5 students, written once per test session."""
+    from dsbs_ray.students import make_tiny_students
+
+    return make_tiny_students(tmp_path_factory.mktemp("students"))

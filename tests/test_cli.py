@@ -23,6 +23,12 @@ def test_teacher_report_prints_one_json_line(data_dir):
                                     "parse_failures": 0}
 
 
+def test_teacher_report_prints_four_decimals(data_dir):
+    r = dsbs("teacher-report", "--task", "svamp", "--split", "test", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    assert '"accuracy": 0.7400,' in r.stdout and json.loads(r.stdout)["accuracy"] == 0.74
+
+
 def test_teacher_report_data_dir_from_env(data_dir, tmp_path):
     import os
     env = dict(os.environ, DSBS_DATA_DIR=str(data_dir))

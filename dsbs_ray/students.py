@@ -1,0 +1,77 @@
+"""Student checkpoints: loading any HF seq2seq model, and writing tiny random-init T5s for CPU work.
+
+The tiny students are T5 v1.1-shaped (gated-GELU, untied embeddings) with the byte-level ByT5
+tokenizer, which needs no vocabulary file, so the size axis of a sweep is real on a laptop with no hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsbs_ray.errors import UserError
+
+# name -> (d_model, layers per stack, d_ff, heads); roughly 0.2M, 1.3M and 6M parameters
+TINY_STUDENTS = {
+    "t5-tiny-s": (64, 2, 128, 2),
+    "t5-tiny-m": (128, 3, 256, 4),
+    "t5-tiny-l": (256, 4, 512, 4),
+}
+
+
+def make_tiny_students(out_dir: Path | str, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny students (model + tokenizer) under out_dir/<name>; returns name -> path."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    tokenizer = ByT5Tokenizer()
+    paths = {}
+    for name, (d_model, layers, d_ff, heads) in TINY_STUDENTS.items():
+        config = T5Config(
+            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff,
+            num_layers=layers, num_decoder_layers=layers, num_heads=heads,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+            decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+        path = Path(out_dir) / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+def check_student(student: str) -> None:
+    """Fail early, before any worker starts, if the student checkpoint cannot be found."""
+    path = Path(student)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"student {student}: no config.json in that directory (not an HF checkpoint)")
+        return
+    if student.startswith((".", "/", "~")) or student.count("/") != 1:
+        raise UserError(f"student checkpoint {student} does not exist")
+    from transformers import AutoConfig
+
+    try:  # a hub id such as google/t5-v1_1-base: found in the local HF cache or on the hub
+        AutoConfig.from_pretrained(student)
+    except (OSError, ValueError) as e:
+        raise UserError(f"student {student}: not a local path and not loadable from the HF hub "
+                        f"({str(e).splitlines()[0]})") from None
+
+
+def load_student(student: str):
+    """(model, tokenizer) from a local path or hub id."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    return AutoModelForSeq2SeqLM.from_pretrained(student), AutoTokenizer.from_pretrained(student)
+
+
+def load_tokenizer(student: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(student)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,680 @@
+"""Student training: the multi-task loss, one step, the loop, evaluation by generation, the
+DeepSpeed config, and the Ray Train wrapper.
+
+`train_loop` is a plain function: it runs in one process with no Ray (LocalSession), or on each
+Ray Train worker (RaySession). Everything Ray-specific lives in RaySession and `train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dsbs_ray.data import (
+    attach_teacher, bucketed_batches, carve_validation, collate, example_cost, fraction_indices,
+    shard_batch, tokenize_split,
+)
+from dsbs_ray.errors import UserError
+from dsbs_ray.metrics import accuracy
+from dsbs_ray.students import check_student, count_parameters, load_student, load_tokenizer
+from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
+
+
+class TrainConfig(BaseModel):
+    """One training job. Defaults are the paper's (lr 5e-5, batch 64, 10k steps, inputs 1024,
+    targets 256, alpha 0.5); CPU runs override steps, lengths and batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    student: str
+    method: Literal["standard", "dsbs"] = "dsbs"
+    label_source: Literal["gold", "teacher"] = "gold"
+    fraction: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    alpha: float = Field(0.5, ge=0, le=1)
+    max_steps: int = Field(10_000, ge=1)
+    batch_size: int = Field(64, ge=1, description="global rows per optimizer step")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per forward")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_input_length: int = Field(1024, ge=8)
+    max_target_length: int = Field(256, ge=2)
+    gen_max_length: int = Field(64, ge=1)
+    eval_every: int = Field(250, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    eval_limit: int | None = Field(None, ge=1, description="rows of valid/test to evaluate (all if None)")
+    explain: bool = False
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    zero: Literal["off", "0", "1", "2", "3"] = "2"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    data_dir: str | None = None
+    output_dir: str = "runs"
+    run_name: str | None = None
+    max_failures: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        micro = self.micro_batch_size or max(1, self.batch_size // self.workers)
+        if self.batch_size % (micro * self.workers):
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {micro} "
+                             f"x workers {self.workers}")
+        return self
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or max(1, self.batch_size // self.workers)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro * self.workers)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method == "dsbs" or self.label_source == "teacher"
+
+    def name(self) -> str:
+        """Readable run name plus a hash of everything that changes the result, so a rerun of the
+        same job resumes its checkpoints and a changed job never does."""
+        if self.run_name:
+            return self.run_name
+        keys = self.model_dump(exclude={"workers", "cpus_per_worker", "gpus_per_worker", "output_dir",
+                                        "run_name", "max_failures", "eval_batch_size"})
+        digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+        student = Path(self.student.rstrip("/")).name
+        return f"{self.task}-{student}-{self.method}-{self.label_source}-f{self.fraction:g}-s{self.seed}-{digest}"
+
+
+def load_config(**kwargs) -> TrainConfig:
+    """TrainConfig from keyword arguments; a validation error becomes one line naming the field."""
+    try:
+        return TrainConfig(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        raise UserError(f"{field}: {err['msg']}{got}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data for one job
+
+
+def _rows(examples, annotated=None, label_source="gold"):
+    if annotated is None:
+        return [{"id": e.id, "input": e.input, "label": e.gold} for e in examples]
+    return [{"id": a.id, "input": a.input, "gold": a.gold, "rationale": a.rationale,
+             "label": a.teacher_label if label_source == "teacher" else a.gold} for a in annotated]
+
+
+def select_rows(cfg: TrainConfig, eos_token: str) -> dict:
+    """Train/valid/test rows for a job: train rows carry the label (gold or teacher) and, for dsbs,
+    the teacher rationale; rows whose teacher output does not parse are left out of training."""
+    task = get_task(cfg.task)
+    train = load_examples(task.name, "train", cfg.data_dir, eos_token)
+    if task.has_valid:
+        valid = load_examples(task.name, "valid", cfg.data_dir, eos_token)
+        train_idx = list(range(len(train)))
+    else:
+        train_idx, valid_idx = carve_validation(len(train))
+        valid = [train[i] for i in valid_idx]
+    annotated = None
+    if cfg.uses_teacher:
+        outputs = load_teacher_outputs(task.name, "train", cfg.data_dir)
+        annotated = attach_teacher(train, outputs, task, where=f"{task.name}/train")
+        annotated = [annotated[i] for i in train_idx]
+    pool = [train[i] for i in train_idx]
+    keep = fraction_indices(len(pool), cfg.fraction, cfg.seed)
+    if annotated is not None:
+        chosen = [annotated[i] for i in keep]
+        train_rows = _rows(None, [a for a in chosen if a.parse_status == "ok"], cfg.label_source)
+        dropped = len(chosen) - len(train_rows)
+    else:
+        train_rows, dropped = _rows([pool[i] for i in keep]), 0
+    test = load_examples(task.name, "test", cfg.data_dir, eos_token)
+    limit = cfg.eval_limit
+    return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit]),
+            "dropped_unparsed": dropped}
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
+    """Selected rows plus their token ids (tokenized once, cached on disk)."""
+    rows = select_rows(cfg, tokenizer.eos_token)
+    if len(rows["train"]) < cfg.workers * cfg.grad_accum:
+        raise UserError(f"only {len(rows['train'])} training rows for {cfg.workers} workers x "
+                        f"{cfg.grad_accum} accumulation steps; raise fraction or lower batch_size")
+    dsbs = cfg.method == "dsbs"
+    lengths = dict(max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
+    data = {"rows": rows, "train": tokenize_split(rows["train"], tokenizer, prefixes=dsbs, explain_inputs=dsbs,
+                                                  rationale=dsbs, **lengths)}
+    for split in ("valid", "test"):
+        data[split] = tokenize_split(rows[split], tokenizer, prefixes=dsbs, explain_inputs=dsbs and cfg.explain,
+                                     rationale=False, **lengths)
+    return data
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every check that can fail on user input, run on the driver before any worker starts."""
+    check_student(cfg.student)
+    task = get_task(cfg.task)
+    if cfg.uses_teacher:
+        load_teacher_outputs(task.name, "train", cfg.data_dir)  # raises naming the missing file
+    if cfg.zero != "off":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("zero: DeepSpeed is not installed; use --zero off") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: one module that returns the summed token losses of both tasks
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of target tokens), ignoring -100 padding."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+class MultiTaskSeq2Seq(torch.nn.Module):
+    """Wraps a seq2seq student; forward returns per-task loss sums and token counts.
+
+    For dsbs the predict and explain inputs go through the encoder as one batch (one pass instead
+    of two); each task then runs its own decoder pass with its own target length, so short labels
+    are not padded to rationale length.
+    """
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def _decode(self, encoder_hidden, attention_mask, labels):
+        decoder_input_ids = self.student.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = self.student(encoder_outputs=(encoder_hidden,), attention_mask=attention_mask,
+                           decoder_input_ids=decoder_input_ids, use_cache=False)
+        return token_loss_sums(out.logits, labels)
+
+    def forward(self, input_ids, attention_mask, labels, expl_input_ids=None, expl_attention_mask=None,
+                rationale_ids=None):
+        if expl_input_ids is None:
+            hidden = self.student.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self._decode(hidden, attention_mask, labels), None
+        n = input_ids.size(0)
+        width = max(input_ids.size(1), expl_input_ids.size(1))
+        pad = self.student.config.pad_token_id
+        ids = torch.cat([F.pad(input_ids, (0, width - input_ids.size(1)), value=pad),
+                         F.pad(expl_input_ids, (0, width - expl_input_ids.size(1)), value=pad)])
+        mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.size(1))),
+                          F.pad(expl_attention_mask, (0, width - expl_attention_mask.size(1)))])
+        hidden = self.student.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self._decode(hidden[:n], mask[:n], labels), self._decode(hidden[n:], mask[n:], rationale_ids)
+
+
+def multitask_loss(pred: tuple, expl: tuple | None, alpha: float, n_label: int, n_rationale: int,
+                   scale: float = 1.0) -> torch.Tensor:
+    """alpha * L_label + (1 - alpha) * L_rationale, each the mean over the target tokens of the whole
+    global batch (n_label, n_rationale), so split micro-batches and workers add up to exactly the
+    loss of one big batch. `scale` is the world size: DDP and DeepSpeed average gradients over ranks."""
+    label_sum, _ = pred
+    if expl is None:
+        return label_sum / n_label * scale
+    rationale_sum, _ = expl
+    return (alpha * label_sum / n_label + (1 - alpha) * rationale_sum / max(n_rationale, 1)) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: plain torch (one process or DDP) and DeepSpeed ZeRO
+
+
+def _linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+class TorchBackend:
+    """torch AdamW with a linear warmup/decay schedule; DDP when world > 1."""
+
+    def __init__(self, module, cfg: TrainConfig, world: int, device):
+        self.module = module.to(device)
+        self.model = module
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_schedule(cfg.warmup_steps, cfg.max_steps))
+        self.max_grad_norm = cfg.max_grad_norm
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg_bf16(cfg, device)
+                         else contextlib.nullcontext())
+        self.world = world
+
+    def accumulate(self, batch: dict, loss_fn, last_micro: bool) -> float:
+        """Forward and backward of one micro-batch; DDP syncs gradients only on the last one."""
+        sync = contextlib.nullcontext() if (self.world == 1 or last_micro) else self.model.no_sync()
+        with sync:
+            with self.autocast:
+                outputs = self.model(**batch)
+            loss = loss_fn(*outputs)
+            loss.backward()
+        return loss.item()
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path, rank: int):
+        if rank == 0:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, directory / "state.pt")
+
+    def load(self, directory: Path):
+        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def gathered(self):
+        return contextlib.nullcontext()
+
+
+class DeepSpeedBackend:
+    """DeepSpeed engine (ZeRO stage 0-3) over Ray's process group, with torch AdamW so nothing
+    needs a JIT-compiled op on CPU."""
+
+    def __init__(self, module, cfg: TrainConfig, world: int, device):
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the CPU shm op
+        self.stage = int(cfg.zero)
+        self.module = module.to(device)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(cfg.warmup_steps, cfg.max_steps))
+        ds_config = {
+            "train_batch_size": cfg.batch_size,
+            "train_micro_batch_size_per_gpu": cfg.micro,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": {"stage": self.stage},
+            "bf16": {"enabled": cfg_bf16(cfg, device)},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=not torch.distributed.is_initialized())
+
+    def accumulate(self, batch: dict, loss_fn, last_micro: bool) -> float:
+        """Forward and backward of one micro-batch; DeepSpeed steps the optimizer itself at the
+        accumulation boundary. Our loss is already normalised per global batch: no 1/GAS scaling."""
+        loss = loss_fn(*self.engine(**batch))
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+        return loss.item()
+
+    def step(self):
+        pass
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, directory: Path, rank: int):
+        self.engine.save_checkpoint(str(directory), tag="state")
+
+    def load(self, directory: Path):
+        self.engine.load_checkpoint(str(directory), tag="state")
+
+    def gathered(self):
+        """Full parameters for export under ZeRO-3 (a collective: every rank must enter)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+def cfg_bf16(cfg: TrainConfig, device) -> bool:
+    """bf16 on GPU, fp32 on CPU unless asked."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation by greedy generation
+
+
+@torch.no_grad()
+def generate(student, tokenizer, token_ids: list[list[int]], *, batch_size: int, max_new_tokens: int, device,
+             rank: int = 0, world: int = 1, synced: bool = False) -> list[str]:
+    """Greedy decoding of every row, sharded over ranks and gathered; the full list on every rank.
+
+    synced: ZeRO-3 across ranks needs every rank in every forward, so each rank runs the same number
+    of batches (a rank with nothing left decodes a one-token stand-in row)."""
+    was_training = student.training
+    student.eval()
+    mine = sorted(range(rank, len(token_ids), world), key=lambda i: -len(token_ids[i]))
+    n_batches = math.ceil(math.ceil(len(token_ids) / world) / batch_size)
+    results = []
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        if not idx and not synced:
+            break
+        seqs = [token_ids[i] for i in idx] or [[tokenizer.eos_token_id]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        out = student.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                               num_beams=1, max_new_tokens=max_new_tokens, synced_gpus=synced)
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        results += list(zip(idx, texts))
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+        results = [pair for part in gathered for pair in part]
+    student.train(was_training)
+    texts = [""] * len(token_ids)
+    for i, text in results:
+        texts[i] = text
+    return texts
+
+
+def evaluate(student, tokenizer, data: dict, split: str, cfg: TrainConfig, device, rank, world, synced,
+             predictions_path: Path | None = None) -> float:
+    """The task metric of greedy predictions on `split`; rank 0 writes the predictions file."""
+    rows, tokens = data["rows"][split], data[split]
+    preds = generate(student, tokenizer, tokens["input_ids"], batch_size=cfg.eval_batch_size,
+                     max_new_tokens=cfg.gen_max_length, device=device, rank=rank, world=world, synced=synced)
+    # gold as the tokenizer can express it (what the paper compares against: decoded label tokens)
+    golds = tokenizer.batch_decode(tokens["labels"], skip_special_tokens=True)
+    metric = get_task(cfg.task).metric
+    acc = accuracy(preds, golds, metric)
+    rationales = None
+    if "expl_input_ids" in tokens:
+        rationales = generate(student, tokenizer, tokens["expl_input_ids"], batch_size=cfg.eval_batch_size,
+                              max_new_tokens=cfg.max_target_length, device=device, rank=rank, world=world,
+                              synced=synced)
+    if predictions_path is not None and rank == 0:
+        with open(predictions_path, "w", encoding="utf-8") as f:
+            for i, (row, pred, gold) in enumerate(zip(rows, preds, golds)):
+                line = {"id": row["id"], "input": row["input"], "gold": gold, "prediction": pred,
+                        "correct": accuracy([pred], [gold], metric) == 1.0}
+                if rationales is not None:
+                    line["rationale"] = rationales[i]
+                f.write(json.dumps(line) + "\n")
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions: where rank/world come from, where checkpoints and metrics go
+
+
+class LocalSession:
+    """One process, no Ray: checkpoints under run_dir/checkpoints, metrics printed."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.history: list[dict] = []
+
+    def restore(self, load) -> bool:
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        if not ckpts:
+            return False
+        load(ckpts[-1])
+        return True
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None):
+        self.history.append(metrics)
+        if checkpoint_dir is not None:
+            dest = self.run_dir / "checkpoints" / f"step_{metrics['step']}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, dest)
+            for old in sorted(dest.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
+                shutil.rmtree(old)
+
+    def checkpoint_path(self) -> str | None:
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        return str(ckpts[-1]) if ckpts else None
+
+
+class RaySession:
+    """Inside a Ray Train worker: rank and world from the train context, checkpoints through
+    ray.train.report (every rank reports; DeepSpeed shards from all ranks land in one checkpoint)."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    def restore(self, load) -> bool:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as d:
+            load(Path(d))
+        return True
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _log(rank: int, message: str):
+    if rank == 0:
+        print(message, flush=True)
+
+
+def train_loop(config: dict, session=None) -> dict | None:
+    """Train one student; returns the final metrics on rank 0 (None elsewhere).
+
+    config: a TrainConfig as a dict. session: LocalSession (default) or RaySession.
+    """
+    cfg = TrainConfig(**config)
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    session = session or LocalSession(run_dir)
+    rank, world = session.rank, session.world
+    use_cuda = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
+    device = torch.device("cuda", getattr(session, "local_rank", 0)) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+
+    student, tokenizer = load_student(cfg.student)
+    data = prepare_data(cfg, tokenizer)
+    tokens = data["train"]
+    costs = [example_cost(tokens, i) for i in range(len(tokens["labels"]))]
+    module = MultiTaskSeq2Seq(student)
+    backend = TorchBackend(module, cfg, world, device) if cfg.zero == "off" else DeepSpeedBackend(module, cfg, world, device)
+    synced = cfg.zero == "3" and world > 1
+
+    state = {"step": 0}
+
+    def load(directory: Path):
+        backend.load(directory)
+        state.update(json.loads((directory / "trainer_state.json").read_text()))
+
+    resumed = session.restore(load)
+    start_step = state["step"]
+    if resumed:
+        _log(rank, f"resumed from checkpoint at step {start_step}")
+
+    def checkpoint_and_report(metrics: dict):
+        with tempfile.TemporaryDirectory(prefix="dsbs_ckpt_") as d:
+            backend.save(Path(d), rank)
+            if rank == 0:
+                (Path(d) / "trainer_state.json").write_text(json.dumps({"step": metrics["step"]}))
+            has_files = any(Path(d).iterdir())
+            session.report(metrics, Path(d) if has_files else None)
+
+    epoch_batches: dict[int, list[list[int]]] = {}
+    min_rows = world * cfg.grad_accum
+
+    def batch_at(step: int) -> list[int]:
+        per_epoch = len(epoch_batches.setdefault(0, bucketed_batches(costs, cfg.batch_size, cfg.seed, 0, min_rows)))
+        epoch = step // per_epoch
+        if epoch not in epoch_batches:
+            epoch_batches.clear()
+            epoch_batches[0] = bucketed_batches(costs, cfg.batch_size, cfg.seed, 0, min_rows)
+            epoch_batches[epoch] = bucketed_batches(costs, cfg.batch_size, cfg.seed, epoch, min_rows)
+        return epoch_batches[epoch][step % per_epoch]
+
+    module.train()
+    loss_sum, loss_steps, train_seconds, examples = 0.0, 0, 0.0, 0
+    last_metrics: dict = {}
+    first_loss = None  # mean loss over the first evaluation window of this run
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        batch_rows = batch_at(step)
+        n_label = sum(len(tokens["labels"][i]) for i in batch_rows)
+        n_rationale = sum(len(tokens["rationale_ids"][i]) for i in batch_rows) if "rationale_ids" in tokens else 0
+        micro_batches = shard_batch(batch_rows, costs, world, rank, cfg.grad_accum)
+        def loss_fn(pred, expl):
+            return multitask_loss(pred, expl, cfg.alpha, n_label, n_rationale, scale=world)
+
+        step_loss = 0.0
+        for m, rows in enumerate(micro_batches):
+            batch = {k: v.to(device) for k, v in collate(tokens, rows, tokenizer.pad_token_id).items()}
+            step_loss += backend.accumulate(batch, loss_fn, last_micro=m == len(micro_batches) - 1) / world
+        backend.step()
+        train_seconds += time.perf_counter() - t0
+        examples += len(batch_rows)
+        loss_sum += step_loss
+        loss_steps += 1
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            loss_t = torch.tensor([loss_sum], dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(loss_t)
+            valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced)
+            last_metrics = {"step": done, "loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc,
+                            "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9)}
+            _log(rank, f"step {done}/{cfg.max_steps} loss {last_metrics['loss']:.4f} "
+                       f"valid_accuracy {valid_acc:.4f} {last_metrics['examples_per_s']:.1f} ex/s")
+            checkpoint_and_report(last_metrics)
+            first_loss = last_metrics["loss"] if first_loss is None else first_loss
+            loss_sum, loss_steps = 0.0, 0
+
+    test_acc = evaluate(module.student, tokenizer, data, "test", cfg, device, rank, world, synced,
+                        predictions_path=run_dir / "predictions_test.jsonl")
+    valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced,
+                         predictions_path=run_dir / "predictions_valid.jsonl")
+    with backend.gathered():
+        if rank == 0:
+            module.student.save_pretrained(run_dir / "model")
+            tokenizer.save_pretrained(run_dir / "model")
+    if rank != 0:
+        return None
+    return {
+        "task": cfg.task, "student": cfg.student, "method": cfg.method, "label_source": cfg.label_source,
+        "fraction": cfg.fraction, "seed": cfg.seed, "parameters": count_parameters(module.student),
+        "train_rows": len(tokens["labels"]), "dropped_unparsed": data["rows"]["dropped_unparsed"],
+        "accuracy": test_acc, "valid_accuracy": valid_acc, "steps": cfg.max_steps, "resumed_from_step": start_step,
+        "examples_per_s": examples / train_seconds if train_seconds else None,
+        "train_seconds": train_seconds, "run_dir": str(run_dir),
+        "predictions": str(run_dir / "predictions_test.jsonl"), "first_loss": first_loss, "final_loss": last_metrics.get("loss"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train wrapper
+
+
+def _ray_worker(config: dict):
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    return train_loop(config, RaySession())
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(address="local", include_dashboard=True, runtime_env={"env_vars": env},
+                 object_store_memory=300 * 2**20, log_to_driver=True)
+
+
+def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
+    """Run one job: checks first (clear errors before any worker starts), then the loop on
+    cfg.workers Ray Train workers, or in this process when use_ray is False."""
+    validate(cfg)
+    prepare_data(cfg, load_tokenizer(cfg.student))  # fills the token cache once; fails early on bad data
+    t0 = time.time()
+    if not use_ray:
+        if cfg.workers != 1:
+            raise UserError("workers: more than one worker needs Ray (drop --no-ray)")
+        if cfg.zero != "off":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        session = LocalSession(Path(cfg.output_dir).resolve() / cfg.name())
+        metrics = train_loop(cfg.model_dump(), session)
+        metrics["checkpoint"] = session.checkpoint_path()
+    else:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        init_ray()
+        resources = {"CPU": cfg.cpus_per_worker}
+        if cfg.gpus_per_worker:
+            resources["GPU"] = cfg.gpus_per_worker
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config=cfg.model_dump(),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=cfg.name(), storage_path=str(Path(cfg.output_dir).resolve()),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        metrics = dict(result.return_value)
+        metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    metrics["wall_seconds"] = time.time() - t0
+    return metrics

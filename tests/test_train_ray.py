@@ -1,0 +1,82 @@
+"""Training on Ray Train workers: DDP and DeepSpeed ZeRO-2 match one worker; kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsbs_ray.train import load_config, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _params(run_dir: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(Path(run_dir) / "model" / "model.safetensors")
+
+
+def test_two_workers_ddp_and_zero2_match_one_worker(students, data_dir, tmp_path):
+    """Same global batches, split over 2 workers: the weights after the steps match one worker."""
+    common = dict(task="svamp", student=str(students["t5-tiny-s"]), method="dsbs", fraction=0.1, max_steps=2,
+                  batch_size=8, lr=1e-2, eval_every=1, eval_limit=2, gen_max_length=2, max_input_length=128,
+                  max_target_length=48, data_dir=str(data_dir))
+    one = train(load_config(**common, zero="off", output_dir=str(tmp_path / "one")), use_ray=False)
+    ddp = train(load_config(**common, zero="off", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "ddp")))
+    zero2 = train(load_config(**common, zero="2", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "z2")))
+    init = _params_from_student(students["t5-tiny-s"])
+    ref = _params(one["run_dir"])
+    moved = max((ref[k] - init[k]).abs().max().item() for k in ref)
+    assert moved > 1e-3  # the step really changed the weights
+    for other in (ddp, zero2):
+        got = _params(other["run_dir"])
+        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+        # Adam turns float noise in near-zero gradients into ~0.1 % of a step; a wrong shard or a
+        # missing gradient average moves weights by a whole step
+        assert worst < 1e-2 * moved, (other["run_dir"], worst, moved)
+    assert abs(ddp["final_loss"] - one["final_loss"]) < 1e-4 and abs(zero2["final_loss"] - one["final_loss"]) < 1e-4
+
+
+def _params_from_student(path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(Path(path) / "model.safetensors")
+
+
+def _run_dir_checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("*/checkpoint_*"))
+
+
+def test_killed_job_resumes_from_its_last_checkpoint(students, data_dir, tmp_path):
+    out = tmp_path / "runs"
+    cmd = [str(Path(sys.executable).with_name("dsbs")), "train", "--task", "svamp",
+           "--student", str(students["t5-tiny-s"]), "--fraction", "0.2", "--max-steps", "40", "--batch-size", "8",
+           "--lr", "3e-3", "--eval-every", "5", "--eval-limit", "4", "--gen-max-length", "4",
+           "--max-input-length", "128", "--max-target-length", "48", "--workers", "2", "--cpus-per-worker", "0.5",
+           "--zero", "2", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    env = dict(os.environ)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    deadline = time.time() + 240
+    while not _run_dir_checkpoints(out) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert _run_dir_checkpoints(out), first.stdout.read().decode()[-3000:] if first.poll() is not None else "timeout"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver, its local Ray and the workers
+    first.wait()
+    assert first.returncode != 0
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads(second.stdout.strip().splitlines()[-1])
+    assert metrics["steps"] == 40
+    assert metrics["resumed_from_step"] >= 5 and metrics["resumed_from_step"] % 5 == 0
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["checkpoint"]
