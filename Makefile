@@ -26,7 +26,15 @@ demo: install
 	@echo "==> teacher (PaLM 540B) accuracy on the released outputs"
 	@for ts in cqa:test cqa:train svamp:test svamp:train esnli:valid anli1:valid; do \
 	  $(DSBS) teacher-report --task $${ts%%:*} --split $${ts##*:} || exit 1; done
-	@echo "==> demo done (training, teacher annotation and sweeps join this target as they land)"
+	@echo "==> tiny random-init students (work/students)"
+	@$(DSBS) make-tiny-students work/students
+	@echo "==> distilling step-by-step: a tiny student on 25% of SVAMP, 2 Ray Train workers, DeepSpeed ZeRO-2"
+	@$(DSBS) train --task svamp --student work/students/t5-tiny-s --method dsbs --label-source gold \
+	  --fraction 0.25 --workers 2 --cpus-per-worker 0.5 --zero 2 --max-steps 100 --batch-size 16 --lr 3e-3 \
+	  --max-input-length 256 --max-target-length 128 --gen-max-length 32 --eval-every 50 --eval-limit 50 \
+	  --output-dir work/runs
+	@echo "==> demo done: run outputs (predictions, checkpoints, model) are under work/runs/"
+	@echo "    (teacher annotation and sweeps join this target as they land)"
 
 test: install
 	$(PY) -m pytest -q tests
@@ -41,7 +49,7 @@ mlflow-ui: install
 	@echo "make mlflow-ui: not yet (sweep issue)"
 
 bench: install
-	@echo "make bench: not yet (training and teacher issues add bench/ scripts)"
+	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

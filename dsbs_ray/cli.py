@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -111,8 +112,19 @@ def train_cmd(
     print(json.dumps({k: metrics.get(k) for k in keys}))
 
 
+def _pin_deepspeed_accelerator() -> None:
+    """DeepSpeed (imported by transformers and our trainer) logs its accelerator probe to stdout,
+    which would break our one-JSON-line output: name the accelerator up front instead."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    _pin_deepspeed_accelerator()
     try:
         app()
     except UserError as e:

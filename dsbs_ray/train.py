@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dsbs_ray.data import (
-    attach_teacher, bucketed_batches, carve_validation, collate, example_cost, fraction_indices,
+    attach_teacher, bucketed_batches, carve_validation, collate, fraction_indices, length_key,
     shard_batch, tokenize_split,
 )
 from dsbs_ray.errors import UserError
@@ -195,27 +195,54 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 class MultiTaskSeq2Seq(torch.nn.Module):
-    """Wraps a seq2seq student; forward returns per-task loss sums and token counts.
+    """Wraps a seq2seq student; forward returns per-task (summed token loss, token count).
 
-    For dsbs the predict and explain inputs go through the encoder as one batch (one pass instead
-    of two); each task then runs its own decoder pass with its own target length, so short labels
-    are not padded to rationale length.
+    Where the paper's code runs two full forward passes on batches padded to their longest row, this
+    does the same arithmetic with less padding:
+    - the predict and explain inputs go through the encoder as one batch;
+    - each task runs its own decoder pass, so short labels are not padded to rationale length;
+    - rationales are decoded in `rationale_groups` groups of similar length, each trimmed to its
+      own longest rationale and input;
+    - for T5 the LM head and cross-entropy run only on real target positions, not on padding.
     """
 
-    def __init__(self, student):
+    def __init__(self, student, rationale_groups: int = 2):
         super().__init__()
         self.student = student
+        self.rationale_groups = rationale_groups
+        self.t5_head = getattr(student.config, "model_type", None) in ("t5", "mt5")
 
-    def _decode(self, encoder_hidden, attention_mask, labels):
+    def _decode_once(self, encoder_hidden, attention_mask, labels):
         decoder_input_ids = self.student.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = self.student(encoder_outputs=(encoder_hidden,), attention_mask=attention_mask,
-                           decoder_input_ids=decoder_input_ids, use_cache=False)
-        return token_loss_sums(out.logits, labels)
+        if not self.t5_head:
+            out = self.student(encoder_outputs=(encoder_hidden,), attention_mask=attention_mask,
+                               decoder_input_ids=decoder_input_ids, use_cache=False)
+            return token_loss_sums(out.logits, labels)
+        hidden = self.student.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden,
+                                            encoder_attention_mask=attention_mask, use_cache=False).last_hidden_state
+        keep = labels != -100
+        hidden = hidden[keep]
+        if self.student.config.scale_decoder_outputs:  # as T5ForConditionalGeneration.forward
+            hidden = hidden * (self.student.config.d_model ** -0.5)
+        return token_loss_sums(self.student.lm_head(hidden), labels[keep])
+
+    def _decode(self, encoder_hidden, attention_mask, labels, groups: int = 1):
+        if groups == 1 or labels.size(0) < 2 * groups:
+            return self._decode_once(encoder_hidden, attention_mask, labels)
+        target_lengths = (labels != -100).sum(1)
+        loss, count = 0.0, 0
+        for rows in torch.argsort(target_lengths, descending=True).chunk(groups):
+            width = int(attention_mask[rows].sum(1).max())
+            group_loss, group_count = self._decode_once(encoder_hidden[rows, :width], attention_mask[rows, :width],
+                                                        labels[rows, :int(target_lengths[rows].max())])
+            loss, count = loss + group_loss, count + group_count
+        return loss, count
 
     def forward(self, input_ids, attention_mask, labels, expl_input_ids=None, expl_attention_mask=None,
                 rationale_ids=None):
+        encoder = self.student.get_encoder()
         if expl_input_ids is None:
-            hidden = self.student.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return self._decode(hidden, attention_mask, labels), None
         n = input_ids.size(0)
         width = max(input_ids.size(1), expl_input_ids.size(1))
@@ -224,8 +251,9 @@ class MultiTaskSeq2Seq(torch.nn.Module):
                          F.pad(expl_input_ids, (0, width - expl_input_ids.size(1)), value=pad)])
         mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.size(1))),
                           F.pad(expl_attention_mask, (0, width - expl_attention_mask.size(1)))])
-        hidden = self.student.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self._decode(hidden[:n], mask[:n], labels), self._decode(hidden[n:], mask[n:], rationale_ids)
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return (self._decode(hidden[:n], mask[:n], labels),
+                self._decode(hidden[n:], mask[n:], rationale_ids, groups=self.rationale_groups))
 
 
 def multitask_loss(pred: tuple, expl: tuple | None, alpha: float, n_label: int, n_rationale: int,
@@ -517,10 +545,10 @@ def train_loop(config: dict, session=None) -> dict | None:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
 
-    student, tokenizer = load_student(cfg.student)
+    student, tokenizer = load_student(cfg.student, device.type)
     data = prepare_data(cfg, tokenizer)
     tokens = data["train"]
-    costs = [example_cost(tokens, i) for i in range(len(tokens["labels"]))]
+    keys = [length_key(tokens, i) for i in range(len(tokens["labels"]))]
     module = MultiTaskSeq2Seq(student)
     backend = TorchBackend(module, cfg, world, device) if cfg.zero == "off" else DeepSpeedBackend(module, cfg, world, device)
     synced = cfg.zero == "3" and world > 1
@@ -548,12 +576,12 @@ def train_loop(config: dict, session=None) -> dict | None:
     min_rows = world * cfg.grad_accum
 
     def batch_at(step: int) -> list[int]:
-        per_epoch = len(epoch_batches.setdefault(0, bucketed_batches(costs, cfg.batch_size, cfg.seed, 0, min_rows)))
+        per_epoch = len(epoch_batches.setdefault(0, bucketed_batches(keys, cfg.batch_size, cfg.seed, 0, min_rows)))
         epoch = step // per_epoch
         if epoch not in epoch_batches:
             epoch_batches.clear()
-            epoch_batches[0] = bucketed_batches(costs, cfg.batch_size, cfg.seed, 0, min_rows)
-            epoch_batches[epoch] = bucketed_batches(costs, cfg.batch_size, cfg.seed, epoch, min_rows)
+            epoch_batches[0] = bucketed_batches(keys, cfg.batch_size, cfg.seed, 0, min_rows)
+            epoch_batches[epoch] = bucketed_batches(keys, cfg.batch_size, cfg.seed, epoch, min_rows)
         return epoch_batches[epoch][step % per_epoch]
 
     module.train()
@@ -565,7 +593,7 @@ def train_loop(config: dict, session=None) -> dict | None:
         batch_rows = batch_at(step)
         n_label = sum(len(tokens["labels"][i]) for i in batch_rows)
         n_rationale = sum(len(tokens["rationale_ids"][i]) for i in batch_rows) if "rationale_ids" in tokens else 0
-        micro_batches = shard_batch(batch_rows, costs, world, rank, cfg.grad_accum)
+        micro_batches = shard_batch(batch_rows, keys, world, rank, cfg.grad_accum)
         def loss_fn(pred, expl):
             return multitask_loss(pred, expl, cfg.alpha, n_label, n_rationale, scale=world)
 
@@ -641,9 +669,21 @@ def init_ray() -> None:
                  object_store_memory=300 * 2**20, log_to_driver=True)
 
 
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute student, data and output paths: Ray workers run in another working directory."""
+    from dsbs_ray.tasks import default_data_dir
+
+    student = str(Path(cfg.student).resolve()) if Path(cfg.student).exists() else cfg.student
+    data_dir = cfg.data_dir or default_data_dir()
+    return cfg.model_copy(update={
+        "student": student, "output_dir": str(Path(cfg.output_dir).resolve()),
+        "data_dir": str(Path(data_dir).resolve()) if data_dir else None})
+
+
 def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
     """Run one job: checks first (clear errors before any worker starts), then the loop on
     cfg.workers Ray Train workers, or in this process when use_ray is False."""
+    cfg = resolve_paths(cfg)
     validate(cfg)
     prepare_data(cfg, load_tokenizer(cfg.student))  # fills the token cache once; fails early on bad data
     t0 = time.time()

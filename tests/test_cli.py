@@ -85,3 +85,40 @@ def test_module_entry_point_matches_script(data_dir):
     assert r.returncode == 0, r.stderr
     names = [json.loads(line)["task"] for line in r.stdout.splitlines()]
     assert names == ["cqa", "svamp", "asdiv", "esnli", "anli1"]
+
+
+# --- dsbs train: bad input fails before any worker (or Ray) starts ----------------------------
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--fraction", "0"], ["fraction", "greater than 0"]),
+    (["--fraction", "1.5"], ["fraction", "1.5"]),
+    (["--alpha", "2"], ["alpha", "less than or equal to 1"]),
+    (["--method", "distill"], ["method", "distill"]),
+    (["--label-source", "palm"], ["label_source"]),
+    (["--zero", "4"], ["zero"]),
+    (["--batch-size", "10", "--workers", "4"], ["batch_size 10", "workers 4"]),
+])
+def test_train_rejects_bad_flags(students, data_dir, flags, needles):
+    r = dsbs("train", "--task", "svamp", "--student", str(students["t5-tiny-s"]), "--data-dir", str(data_dir), *flags)
+    _assert_one_line_error(r, *needles)
+
+
+def test_train_missing_student(data_dir, tmp_path):
+    r = dsbs("train", "--task", "svamp", "--student", str(tmp_path / "no-such-student"), "--data-dir", str(data_dir))
+    _assert_one_line_error(r, str(tmp_path / "no-such-student"))
+
+
+def test_train_method_needing_missing_teacher_outputs(students, data_dir):
+    r = dsbs("train", "--task", "esnli", "--student", str(students["t5-tiny-s"]), "--method", "standard",
+             "--label-source", "teacher", "--data-dir", str(data_dir))
+    _assert_one_line_error(r, str(data_dir / "esnli" / "llm" / "train_CoT_0.json"))
+
+
+def test_make_tiny_students_cli(tmp_path):
+    r = dsbs("make-tiny-students", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["student"] for row in rows] == ["t5-tiny-s", "t5-tiny-m", "t5-tiny-l"]
+    assert rows[0]["parameters"] < rows[1]["parameters"] < rows[2]["parameters"]
+    assert all((Path(row["path"]) / "config.json").exists() for row in rows)
