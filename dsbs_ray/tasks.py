@@ -124,10 +124,6 @@ def _svamp_example(row: dict, index: int, eos: str) -> Example:
     return Example(str(row.get("ID", index)), row["input"], row["label"])
 
 
-def _svamp_original_example(row: dict, index: int, eos: str) -> Example:
-    return Example(str(row["ID"]), f"{row['Body']}\n{row['Question']}", row["Equation"])
-
-
 def _asdiv_example(row: dict, index: int, eos: str) -> Example:
     return Example(f"asdiv-{index}", f"{row['Body']}\n{row['Question']}", str(row["Answer"]).split(" ")[0])
 
@@ -228,12 +224,14 @@ def _read_json(path: Path):
 
 
 def _svamp_paper_split(problems: list[dict], split: str) -> list[dict]:
-    """The paper's SVAMP split: a seed-0 permutation of the 1000 problems, 800 train / 200 test."""
+    """The paper's SVAMP split of the 1000 original problems (a seed-0 permutation, 800 train / 200
+    test), as rows in the released layout (input, label)."""
     import numpy as np
 
     order = np.random.RandomState(seed=0).permutation(len(problems))
     chosen = order[:800] if split == "train" else order[800:]
-    return [problems[i] for i in chosen]
+    return [{"input": f"{problems[i]['Body']}\n{problems[i]['Question']}", "label": problems[i]["Equation"],
+             "ID": problems[i]["ID"]} for i in chosen]
 
 
 def _to_examples(rows: list[dict], convert, eos: str, where: str) -> list[Example]:
@@ -246,26 +244,17 @@ def _to_examples(rows: list[dict], convert, eos: str, where: str) -> list[Exampl
     return out
 
 
-def _load_local(task: Task, split: str, data_dir: Path, eos: str) -> list[Example]:
-    if task.name == "asdiv":
-        svamp = _load_local(TASKS["svamp"], split, data_dir, eos)
-        if split == "test":
-            return svamp
-        path = data_dir / "asdiv" / "asdiv_train.json"
-        if not path.exists():
-            raise UserError(f"missing file {path} (ASDiv training rows in the paper's layout)")
-        return svamp + _to_examples(_read_json_lines(path), _asdiv_example, eos, str(path))
+def _local_rows(task: Task, split: str, data_dir: Path) -> tuple[list[dict], str]:
     path = data_dir / task.name / f"{task.name}_{split}.json"
-    if not path.exists() and task.name == "svamp" and (data_dir / "svamp" / "SVAMP.json").exists():
-        original = data_dir / "svamp" / "SVAMP.json"
-        rows = _svamp_paper_split(_read_json(original), split)
-        return _to_examples(rows, _svamp_original_example, eos, str(original))
+    original = data_dir / "svamp" / "SVAMP.json"
+    if not path.exists() and task.name == "svamp" and original.exists():
+        return _svamp_paper_split(_read_json(original), split), str(original)
     if not path.exists():
         raise UserError(f"missing file {path} (task {task.name}, split {split})")
-    return _to_examples(_read_json_lines(path), task.to_example, eos, str(path))
+    return _read_json_lines(path), str(path)
 
 
-def _load_hub(task: Task, split: str, eos: str) -> list[Example]:
+def _hub_rows(task: Task, split: str, data_dir: Path | None) -> tuple[list[dict], str]:
     if task.hub is None:
         raise UserError(f"task {task.name} has no hub source; give --data-dir with its files")
     import datasets
@@ -275,11 +264,12 @@ def _load_hub(task: Task, split: str, eos: str) -> list[Example]:
         if task.name == "svamp":  # the mirror holds all 1000 problems; rebuild the paper's split
             ds = datasets.load_dataset(task.hub.path, task.hub.name, split=task.hub.splits["all"])
             problems = sorted(ds, key=lambda r: int(str(r["ID"]).rsplit("-", 1)[-1]))
-            return _to_examples(_svamp_paper_split(problems, split), _svamp_original_example, eos, where)
+            return _svamp_paper_split(problems, split), where
         ds = datasets.load_dataset(task.hub.path, task.hub.name, split=task.hub.splits[split])
     except (ConnectionError, OSError, ValueError) as e:
-        raise UserError(f"could not load {where} split {split}: {str(e).splitlines()[0]}") from None
-    return _to_examples(list(ds), task.to_example, eos, where)
+        local = f"no {data_dir / task.name / f'{task.name}_{split}.json'} and " if data_dir else ""
+        raise UserError(f"{local}could not load {where} split {split}: {str(e).splitlines()[0]}") from None
+    return list(ds), where
 
 
 def _has_local(task: Task, split: str, data_dir: Path) -> bool:
@@ -288,10 +278,8 @@ def _has_local(task: Task, split: str, data_dir: Path) -> bool:
     return (data_dir / task.name / f"{task.name}_{split}.json").exists()
 
 
-def load_examples(
-    task_name: str, split: str, data_dir: Path | str | None = None, eos_token: str = DEFAULT_EOS
-) -> list[Example]:
-    """A task split as Examples, from data_dir (the paper's released layout) or else the HF hub.
+def load_rows(task_name: str, split: str, data_dir: Path | str | None = None) -> tuple[list[dict], str]:
+    """(rows in the paper's released layout, where they came from) for a single-source task.
 
     A local file always wins; the hub is only asked for a split the data dir lacks (e.g. e-SNLI train).
     """
@@ -304,8 +292,26 @@ def load_examples(
     if task.hub is None or (data_dir is not None and _has_local(task, split, data_dir)):
         if data_dir is None:
             raise UserError(f"task {task.name} needs a data dir: pass --data-dir or set DSBS_DATA_DIR")
-        return _load_local(task, split, data_dir, eos_token)
-    return _load_hub(task, split, eos_token)
+        return _local_rows(task, split, data_dir)
+    return _hub_rows(task, split, data_dir)
+
+
+def load_examples(
+    task_name: str, split: str, data_dir: Path | str | None = None, eos_token: str = DEFAULT_EOS
+) -> list[Example]:
+    """A task split as Examples (model input formatted as the paper does, gold label as text)."""
+    task = get_task(task_name)
+    if task.name == "asdiv":  # SVAMP train + ASDiv train for training; SVAMP test for testing
+        svamp = load_examples("svamp", split, data_dir, eos_token)
+        if split == "test":
+            return svamp
+        data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        path = (data_dir or Path(".")) / "asdiv" / "asdiv_train.json"
+        if not path.exists():
+            raise UserError(f"missing file {path} (ASDiv training rows in the paper's layout)")
+        return svamp + _to_examples(_read_json_lines(path), _asdiv_example, eos_token, str(path))
+    rows, where = load_rows(task.name, split, data_dir)
+    return _to_examples(rows, task.to_example, eos_token, where)
 
 
 def _teacher_files(data_dir: Path, task_dir: str, split: str) -> list[Path]:
