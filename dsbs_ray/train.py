@@ -652,13 +652,13 @@ def _ray_worker(config: dict):
     return train_loop(config, RaySession())
 
 
-def init_ray() -> None:
+def init_ray(extra_env: dict | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     address = os.environ.get("RAY_ADDRESS")

