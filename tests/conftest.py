@@ -28,3 +28,13 @@ def students(tmp_path_factory) -> dict:
     from dsbs_ray.students import make_tiny_students
 
     return make_tiny_students(tmp_path_factory.mktemp("students"))
+
+
+@pytest.fixture(scope="module")
+def ray_shutdown():
+    """Tests that start a local Ray (through train/annotate) share it within a module, then stop it."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

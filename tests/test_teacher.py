@@ -17,15 +17,7 @@ from dsbs_ray.errors import UserError
 from dsbs_ray.teacher import AnnotateConfig, annotate, check, embedded_teacher_path
 from dsbs_ray.tasks import load_examples, load_teacher_outputs
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    import ray
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_shutdown")]
 
 
 def _cfg(tmp_path, data_dir, **kw):

@@ -12,15 +12,7 @@ import torch
 
 from dsbs_ray.train import load_config, train
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    import ray
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_shutdown")]
 
 
 def _params(run_dir: str) -> dict:
