@@ -78,4 +78,5 @@ def load_tokenizer(student: str):
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameter count; under ZeRO-3 a rank holds only a shard, DeepSpeed keeps the full size in ds_numel."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

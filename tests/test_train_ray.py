@@ -20,7 +20,7 @@ def _params(run_dir: str) -> dict:
     return load_file(Path(run_dir) / "model" / "model.safetensors")
 
 
-def test_two_workers_ddp_and_zero2_match_one_worker(students, data_dir, tmp_path):
+def test_two_workers_ddp_zero2_zero3_match_one_worker(students, data_dir, tmp_path):
     """Same global batches, split over 2 workers: the weights after the steps match one worker."""
     common = dict(task="svamp", student=str(students["t5-tiny-s"]), method="dsbs", fraction=0.1, max_steps=2,
                   batch_size=8, lr=1e-2, eval_every=1, eval_limit=2, gen_max_length=2, max_input_length=128,
@@ -28,17 +28,19 @@ def test_two_workers_ddp_and_zero2_match_one_worker(students, data_dir, tmp_path
     one = train(load_config(**common, zero="off", output_dir=str(tmp_path / "one")), use_ray=False)
     ddp = train(load_config(**common, zero="off", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "ddp")))
     zero2 = train(load_config(**common, zero="2", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "z2")))
+    zero3 = train(load_config(**common, zero="3", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "z3")))
     init = _params_from_student(students["t5-tiny-s"])
     ref = _params(one["run_dir"])
     moved = max((ref[k] - init[k]).abs().max().item() for k in ref)
     assert moved > 1e-3  # the step really changed the weights
-    for other in (ddp, zero2):
+    assert zero3["parameters"] == one["parameters"]  # counted in full, not the rank's ZeRO-3 shard
+    for other in (ddp, zero2, zero3):
         got = _params(other["run_dir"])
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
         # Adam turns float noise in near-zero gradients into ~0.1 % of a step; a wrong shard or a
         # missing gradient average moves weights by a whole step
         assert worst < 1e-2 * moved, (other["run_dir"], worst, moved)
-    assert abs(ddp["final_loss"] - one["final_loss"]) < 1e-4 and abs(zero2["final_loss"] - one["final_loss"]) < 1e-4
+    assert all(abs(run["final_loss"] - one["final_loss"]) < 1e-4 for run in (ddp, zero2, zero3))
 
 
 def _params_from_student(path) -> dict:
