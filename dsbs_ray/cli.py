@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -75,7 +76,9 @@ def teacher_cmd(
     for cfg in configs:  # every user error surfaces before any engine starts
         check(cfg)
     for cfg in configs:
-        print(json.dumps(annotate(cfg)), flush=True)
+        with contextlib.redirect_stdout(sys.stderr):  # engine logs (forwarded by Ray) stay off our JSON stdout
+            report = annotate(cfg)
+        print(json.dumps(report), flush=True)
 
 
 @app.command("tasks")
@@ -145,7 +148,8 @@ def train_cmd(
         precision=precision, data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir),
         max_failures=max_failures,
     )
-    metrics = train(cfg, use_ray=ray)
+    with contextlib.redirect_stdout(sys.stderr):  # worker logs (forwarded by Ray) stay off our JSON stdout
+        metrics = train(cfg, use_ray=ray)
     keys = ["accuracy", "valid_accuracy", "steps", "examples_per_s", "wall_seconds", "checkpoint", "task", "student",
             "method", "label_source", "fraction", "seed", "parameters", "train_rows", "dropped_unparsed",
             "resumed_from_step", "first_loss", "final_loss", "predictions"]
