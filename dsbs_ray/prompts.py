@@ -7,10 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from dsbs_ray.errors import UserError
-from dsbs_ray.tasks import get_task
+from dsbs_ray.tasks import get_task, read_yaml
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 NLI_PROMPT_JOIN = "\nHypothesis: "  # NLI rows are shown to the teacher as premise, then this, then hypothesis
@@ -36,12 +34,7 @@ def load_prompt(task_name: str, prompts_dir: Path | str | None = None) -> Prompt
     """The task's prompt, checked: every exemplar must parse back to its answer with the task parser."""
     task = get_task(task_name)
     path = Path(prompts_dir or PROMPTS_DIR) / f"{task.name}.yaml"
-    if not path.exists():
-        raise UserError(f"missing file {path} (few-shot prompt for task {task.name}; see prompts/README.md)")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    spec = read_yaml(path, f"few-shot prompt for task {task.name}; see prompts/README.md")
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a mapping with exemplar, query, stop, exemplars")
     for key in ("exemplar", "query", "exemplars"):

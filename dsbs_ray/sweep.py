@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dsbs_ray.errors import UserError
-from dsbs_ray.tasks import get_task
+from dsbs_ray.tasks import get_task, read_yaml
 from dsbs_ray.train import TrainConfig, load_config
 
 # sweep method -> (training method, label source), as in DESIGN.md
@@ -68,12 +67,7 @@ class SweepConfig(BaseModel):
 def load_sweep(path: Path | str) -> SweepConfig:
     """A sweep config from YAML; every mistake is one line naming the file and the field."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"missing file {path} (sweep config)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "sweep config")
     try:
         cfg = SweepConfig(**(raw or {}))
     except ValidationError as e:

@@ -223,6 +223,18 @@ def _read_json(path: Path):
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def read_yaml(path: Path, what: str):
+    """A YAML file's content; a missing or malformed file is one line naming it."""
+    import yaml
+
+    if not path.exists():
+        raise UserError(f"missing file {path} ({what})")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def _svamp_paper_split(problems: list[dict], split: str) -> list[dict]:
     """The paper's SVAMP split of the 1000 original problems (a seed-0 permutation, 800 train / 200
     test), as rows in the released layout (input, label)."""
