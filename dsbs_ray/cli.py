@@ -111,7 +111,7 @@ def train_cmd(
     method: str = typer.Option("dsbs", help="standard | dsbs (distilling step-by-step)."),
     label_source: str = typer.Option("gold", help="gold | teacher (labels from the teacher's outputs)."),
     fraction: float = typer.Option(1.0, help="Fraction of the training split, in (0, 1]."),
-    seed: int = typer.Option(0, help="Seed of the data subsample, batch order and init."),
+    seed: int = typer.Option(0, help="Seed of the data subsample, batch order and dropout."),
     alpha: float = typer.Option(0.5, help="dsbs loss weight: alpha * L_label + (1 - alpha) * L_rationale."),
     max_steps: int = typer.Option(10_000, help="Optimizer steps."),
     batch_size: int = typer.Option(64, help="Global batch (rows per optimizer step)."),
