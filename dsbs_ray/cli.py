@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from dsbs_ray.errors import UserError
+from dsbs_ray.errors import UserError, build
 
 app = typer.Typer(
     add_completion=False,
@@ -64,15 +64,11 @@ def teacher_cmd(
     configs = []
     for task in tasks.split(","):
         for split in splits.split(","):
-            try:
-                configs.append(AnnotateConfig(
-                    task=task, split=split, model=model, endpoint=endpoint, limit=limit or None,
-                    temperature=temperature, samples=samples, max_new_tokens=max_new_tokens, structured=structured,
-                    batch_size=batch_size, concurrency=concurrency, tensor_parallel_size=tensor_parallel_size,
-                    data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir), tracking_uri=tracking_uri))
-            except Exception as e:  # pydantic ValidationError
-                err = e.errors()[0] if hasattr(e, "errors") else {"loc": ("config",), "msg": str(e)}
-                raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            configs.append(build(
+                AnnotateConfig, task=task, split=split, model=model, endpoint=endpoint, limit=limit or None,
+                temperature=temperature, samples=samples, max_new_tokens=max_new_tokens, structured=structured,
+                batch_size=batch_size, concurrency=concurrency, tensor_parallel_size=tensor_parallel_size,
+                data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir), tracking_uri=tracking_uri))
     for cfg in configs:  # every user error surfaces before any engine starts
         check(cfg)
     for cfg in configs:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from dsbs_ray.errors import UserError
+from dsbs_ray.errors import UserError, build
 from dsbs_ray.tasks import get_task, read_yaml
 from dsbs_ray.train import TrainConfig, load_config
 
@@ -68,13 +68,9 @@ def load_sweep(path: Path | str) -> SweepConfig:
     """A sweep config from YAML; every mistake is one line naming the file and the field."""
     path = Path(path)
     raw = read_yaml(path, "sweep config")
-    try:
-        cfg = SweepConfig(**(raw or {}))
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise UserError(f"{path}: {field}: {msg}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sweep settings")
+    cfg = build(SweepConfig, where=f"{path}: ", **raw)
     for task in cfg.tasks:
         get_task(task)
     return cfg

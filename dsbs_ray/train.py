@@ -21,13 +21,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray.data import (
     attach_teacher, bucketed_batches, carve_validation, collate, fraction_indices, length_key,
     shard_batch, tokenize_split,
 )
-from dsbs_ray.errors import UserError
+from dsbs_ray.errors import UserError, build
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.students import check_student, count_parameters, load_student, load_tokenizer
 from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
@@ -104,13 +104,7 @@ class TrainConfig(BaseModel):
 
 def load_config(**kwargs) -> TrainConfig:
     """TrainConfig from keyword arguments; a validation error becomes one line naming the field."""
-    try:
-        return TrainConfig(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
-        raise UserError(f"{field}: {err['msg']}{got}") from None
+    return build(TrainConfig, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,15 +566,14 @@ def train_loop(config: dict, session=None) -> dict | None:
             has_files = any(Path(d).iterdir())
             session.report(metrics, Path(d) if has_files else None)
 
-    epoch_batches: dict[int, list[list[int]]] = {}
     min_rows = world * cfg.grad_accum
+    epoch_batches = {0: bucketed_batches(keys, cfg.batch_size, cfg.seed, 0, min_rows)}  # the current epoch only
+    per_epoch = len(epoch_batches[0])  # the same for every epoch: it depends on sizes, not order
 
     def batch_at(step: int) -> list[int]:
-        per_epoch = len(epoch_batches.setdefault(0, bucketed_batches(keys, cfg.batch_size, cfg.seed, 0, min_rows)))
         epoch = step // per_epoch
         if epoch not in epoch_batches:
             epoch_batches.clear()
-            epoch_batches[0] = bucketed_batches(keys, cfg.batch_size, cfg.seed, 0, min_rows)
             epoch_batches[epoch] = bucketed_batches(keys, cfg.batch_size, cfg.seed, epoch, min_rows)
         return epoch_batches[epoch][step % per_epoch]
 
