@@ -152,6 +152,75 @@ def train_cmd(
     print(json.dumps({k: metrics.get(k) for k in keys}))
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="Sweep config (YAML), e.g. sweeps/local.yaml or sweeps/paper.yaml."),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow tracking URI (default: the config's, else sqlite:///mlflow.db)."),
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: the config's, else its name)."),
+    max_concurrent_trials: Optional[int] = typer.Option(None, help="Trials at once (default: the config's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and list the trials; train nothing."),
+) -> None:
+    """Run a sweep: every (task, student, fraction, method, seed) a Ray Train job under Ray Tune,
+    logged to MLflow, then the report. Rerunning resumes: finished trials are not trained again.
+
+    Prints one JSON summary line; exits 1 when a trial failed after its retries."""
+    from dsbs_ray.sweep import check_sweep, load_sweep, run_sweep
+
+    cfg = load_sweep(config)
+    updates = {k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment,
+                                 "max_concurrent_trials": max_concurrent_trials}.items() if v is not None}
+    cfg = build(type(cfg), where=f"{config}: ", **(cfg.model_dump() | updates))
+    if dry_run:
+        jobs, uri = check_sweep(cfg)
+        for job in jobs:
+            print(json.dumps({"trial": job.name(), "task": job.task, "student": job.student, "method": job.method,
+                              "label_source": job.label_source, "fraction": job.fraction, "seed": job.seed,
+                              "workers": job.workers, "zero": job.zero}))
+        print(json.dumps({"sweep": cfg.name, "trials": len(jobs), "tracking_uri": uri, "dry_run": True}))
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # Tune, trial and worker logs stay off our JSON stdout
+        summary = run_sweep(cfg)
+    _print_trials(summary["results"])
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+    print(f"report: {summary['report']}\nMLflow UI: make mlflow-ui  (or: mlflow ui --backend-store-uri "
+          f"{summary['tracking_uri']})", file=sys.stderr)
+    if summary["failed"]:
+        sys.exit(1)
+
+
+def _print_trials(results: list[dict]) -> None:
+    """A table of the sweep's trials, on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trials")
+    for col in ("trial", "status", "accuracy", "ex/s", "wall s"):
+        table.add_column(col)
+    for r in results:
+        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else r.get("error", "")
+        eps = f"{r['examples_per_s']:.1f}" if r.get("examples_per_s") else ""
+        wall = f"{r['wall_seconds']:.0f}" if r.get("wall_seconds") else ""
+        table.add_row(r["trial"], r["status"], acc, eps, wall)
+    Console(stderr=True, width=160).print(table)
+
+
+@app.command("report")
+def report_cmd(
+    experiment: str = typer.Option(..., help="MLflow experiment of a sweep (by default the sweep's name)."),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow tracking URI (default sqlite:///mlflow.db)."),
+    out_dir: Optional[Path] = typer.Option(None, help="Where the figures and report.md go (default work/reports/EXPERIMENT)."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Also log the report to the sweep's MLflow run."),
+) -> None:
+    """Figures (accuracy vs data fraction, vs student size, teacher line) and the frontier table
+    from a sweep's MLflow runs; prints one JSON line with the paths."""
+    from dsbs_ray.report import build_report
+
+    r = build_report(experiment, tracking_uri, out_dir, log=log)
+    print(json.dumps({k: r[k] for k in ("experiment", "trials", "markdown", "figures", "mlflow_run_id")}))
+
+
 def _pin_deepspeed_accelerator() -> None:
     """DeepSpeed (imported by transformers and our trainer) logs its accelerator probe to stdout,
     which would break our one-JSON-line output: name the accelerator up front instead."""

@@ -1,11 +1,19 @@
-"""Sweeps: the sweep config (YAML, validated; unknown keys are errors) and its expansion into one
-training job per (task, student, fraction, method, seed).
+"""Sweeps: the sweep config (YAML, validated; unknown keys are errors), its expansion into one
+training job per (task, student, fraction, method, seed), and the Ray Tune driver that runs them.
 
-(The Ray Tune driver that runs the grid lands with the sweep issue; expansion needs no Ray.)
+Resuming: every trial is a Ray Train run named by its config hash (an interrupted trial restarts from
+its last checkpoint), and a finished trial leaves `result.json` in its run dir, so rerunning a sweep
+(or a grown one) trains only what is not finished. MLflow: a parent run per sweep, a child per trial,
+both found again on rerun (tracking.find_or_start_run).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.tasks import get_task, read_yaml
-from dsbs_ray.train import TrainConfig, load_config
+from dsbs_ray.train import TrainConfig, load_config, resolve_paths, validate
 
 # sweep method -> (training method, label source), as in DESIGN.md
 METHODS = {
@@ -98,3 +106,166 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
     if not jobs:
         raise UserError(f"sweep {cfg.name}: the grid is empty (tasks x students x fractions x methods x seeds)")
     return jobs
+
+
+RESULT_FILE = "result.json"  # a finished trial's metrics, in its run dir
+
+
+def sweep_method(job: TrainConfig) -> str:
+    """The sweep method name (finetune, distill, dsbs-gold, dsbs-teacher) of a training job."""
+    return next(m for m, pair in METHODS.items() if pair == (job.method, job.label_source))
+
+
+def trial_params(job: TrainConfig) -> dict:
+    """The MLflow params of a trial: what the report groups by, and what changes the result."""
+    return {"task": job.task, "student": job.student, "student_name": Path(job.student.rstrip("/")).name,
+            "method": sweep_method(job), "training_method": job.method, "label_source": job.label_source,
+            "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
+            "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
+            "max_target_length": job.max_target_length, "workers": job.workers, "zero": job.zero,
+            "data_dir": job.data_dir, "run_name": job.name()}
+
+
+FINAL_METRICS = ("accuracy", "valid_accuracy", "examples_per_s", "wall_seconds", "train_seconds", "loop_seconds",
+                 "first_loss", "final_loss", "train_rows", "dropped_unparsed", "resumed_from_step")
+
+
+def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str) -> dict:
+    """One grid point: its MLflow child run (found again on rerun), training (resuming from the last
+    checkpoint), final metrics and artifacts, then the done marker. A finished trial is not trained
+    again: its stored result comes back with skipped=True."""
+    from dsbs_ray import tracking
+    from dsbs_ray.train import train
+
+    run_dir = Path(job.output_dir) / job.name()
+    done = run_dir / RESULT_FILE
+    c = tracking.client(tracking_uri)
+    tags = {"dsbs.role": "trial", "dsbs.sweep": sweep_name, "dsbs.trial": job.name(),
+            "mlflow.parentRunId": parent_run_id}
+    if done.exists():
+        result = json.loads(done.read_text())
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = c.search_runs([experiment_id], filter_string=query, max_results=1)
+        if runs and runs[0].info.status == "FINISHED":
+            return {**result, "skipped": True}
+    run_id = tracking.find_or_start_run(c, experiment_id, job.name(), tags)
+    tracking.log_params(c, run_id, trial_params(job))
+    if done.exists():  # finished before, but its MLflow run was not: log it now, no training
+        result = json.loads(done.read_text())
+    else:
+        try:
+            result = train(job.model_copy(update={"tracking_uri": tracking_uri, "mlflow_run_id": run_id}))
+        except BaseException:
+            c.set_terminated(run_id, "FAILED")
+            raise
+    tracking.log_params(c, run_id, {"parameters": result["parameters"]})
+    tracking.log_metrics(c, run_id, {k: result.get(k) for k in FINAL_METRICS} | {"parameters": result["parameters"]},
+                         step=job.max_steps)
+    (run_dir / "config.json").write_text(json.dumps(job.model_dump(), indent=2))
+    for name in ("predictions_test.jsonl", "predictions_valid.jsonl", "config.json"):
+        if (run_dir / name).exists():
+            c.log_artifact(run_id, str(run_dir / name))
+    c.set_terminated(run_id, "FINISHED")
+    result = {**result, "mlflow_run_id": run_id, "method": sweep_method(job), "run_name": job.name()}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, done)
+    return {**result, "skipped": False}
+
+
+def _tune_trial(config: dict, jobs: list[dict], tracking: dict):
+    """The Tune function trainable: one grid point, reported to Tune once it is done."""
+    import ray.tune
+
+    result = run_trial(TrainConfig(**jobs[config["trial"]]), **tracking)
+    ray.tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None})
+
+
+def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
+    """Every check that can fail on user input, before any trial launches: the grid, the students,
+    the data and teacher annotations, the tracking store. Returns (resolved jobs, tracking URI)."""
+    from dsbs_ray import tracking
+
+    jobs = [resolve_paths(j) for j in expand(cfg)]
+    checked = set()
+    for job in jobs:
+        key = (job.student, job.task, job.uses_teacher, job.data_dir, job.zero)
+        if key not in checked:
+            validate(job)
+            checked.add(key)
+    uri = tracking.tracking_uri(cfg.tracking_uri)
+    tracking.check_reachable(uri)
+    return jobs, uri
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Run the grid with Ray Tune (each trial a Ray Train job), then the report. Returns a summary."""
+    from dsbs_ray import tracking
+    from dsbs_ray.report import build_report
+    from dsbs_ray.train import init_ray
+
+    t0 = time.time()
+    jobs, uri = check_sweep(cfg)
+    experiment = cfg.experiment or cfg.name
+    sweep_dir = Path(cfg.output_dir).resolve() / cfg.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+
+    c = tracking.client(uri)
+    exp_id = tracking.experiment_id(c, experiment)
+    parent = tracking.find_or_start_run(c, exp_id, cfg.name, {"dsbs.role": "sweep", "dsbs.sweep": cfg.name})
+    tracking.log_params(c, parent, {"tasks": ",".join(cfg.tasks), "students": ",".join(s.id for s in cfg.students),
+                                    "fractions": ",".join(f"{f:g}" for f in cfg.fractions),
+                                    "methods": ",".join(cfg.methods), "seeds": ",".join(map(str, cfg.seeds)),
+                                    "alpha": cfg.alpha, "steps": cfg.max_steps, "trials": len(jobs)})
+    c.log_artifact(parent, str(sweep_dir / "sweep.json"))
+
+    finished = {j.name() for j in jobs if (Path(j.output_dir) / j.name() / RESULT_FILE).exists()}
+    print(f"sweep {cfg.name}: {len(jobs)} trials ({len(finished)} already finished), "
+          f"{cfg.max_concurrent_trials} at a time; MLflow {uri} experiment {experiment!r}", file=sys.stderr)
+    errors = {}
+    try:
+        import ray.tune as tune
+
+        init_ray()
+        shutil.rmtree(sweep_dir / "tune", ignore_errors=True)  # Tune's own bookkeeping; run dirs say what is done
+        trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
+            tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in jobs],
+                                 tracking={"tracking_uri": uri, "experiment_id": exp_id,
+                                           "parent_run_id": parent, "sweep_name": cfg.name}),
+            {"cpu": 0.01})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(list(range(len(jobs))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_retries)),
+        )
+        grid = tuner.fit()
+        for r in grid:
+            if r.error is not None:
+                i = r.config["trial"]
+                errors[jobs[i].name()] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else repr(r.error)
+    except BaseException:
+        c.set_terminated(parent, "FAILED")
+        raise
+
+    results = []
+    for job in jobs:
+        done = Path(job.output_dir) / job.name() / RESULT_FILE
+        row = {"trial": job.name(), "method": sweep_method(job), "fraction": job.fraction, "student": job.student}
+        if done.exists():
+            r = json.loads(done.read_text())
+            row |= {"status": "skipped" if job.name() in finished else "finished", "accuracy": r["accuracy"],
+                    "examples_per_s": r.get("examples_per_s"), "wall_seconds": r.get("wall_seconds"),
+                    "loop_seconds": r.get("loop_seconds"), "train_seconds": r.get("train_seconds")}
+        else:
+            row |= {"status": "failed", "error": errors.get(job.name(), "did not finish")}
+        results.append(row)
+    report = build_report(experiment, uri, out_dir=sweep_dir / "report", parent_run_id=parent)
+    failed = [r for r in results if r["status"] == "failed"]
+    c.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    return {"sweep": cfg.name, "trials": len(jobs), "finished": sum(r["status"] == "finished" for r in results),
+            "skipped": sum(r["status"] == "skipped" for r in results), "failed": len(failed),
+            "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent,
+            "report": report["markdown"], "wall_seconds": time.time() - t0, "results": results}

@@ -1,37 +1,114 @@
 """MLflow naming and logging: one place that knows where runs go and how they are named.
 
 Default store: an SQLite file in the working directory (MLflow 3.17 refuses plain file stores);
-MLFLOW_TRACKING_URI or an explicit URI wins.
+MLFLOW_TRACKING_URI or an explicit URI wins. Sweeps log one parent run per sweep (tag dsbs.role=sweep)
+and one child run per trial (dsbs.role=trial, dsbs.trial=<run name>); reruns find and reuse them, so
+a resumed sweep never makes a second run for the same trial.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from dsbs_ray.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The URI to use, with a relative SQLite path made absolute (Ray workers run in other directories)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when the store cannot be used (MLflow itself retries for minutes)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise UserError(f"tracking_uri: {uri} answered HTTP {r.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"tracking_uri: cannot reach the MLflow server at {uri} ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise UserError(f"tracking_uri: directory {parent} of the SQLite store does not exist")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise UserError(f"tracking_uri: {uri} is a file store, which MLflow 3 refuses; use sqlite:///PATH")
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite schema migrations are noisy
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    """The experiment's id, created if missing (another process may create it at the same moment)."""
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except Exception:
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_or_start_run(mlflow_client, exp_id: str, run_name: str, tags: dict) -> str:
+    """The run whose tags match `tags` (reopened), or a new one: a rerun never duplicates a run."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = mlflow_client.search_runs([exp_id], filter_string=query, max_results=1,
+                                      order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    return mlflow_client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
+def log_params(mlflow_client, run_id: str, params: dict) -> None:
+    """Params, skipping ones already logged with the same value (MLflow refuses to change a param)."""
+    from mlflow.entities import Param
+
+    have = mlflow_client.get_run(run_id).data.params
+    new = [Param(k, str(v)) for k, v in params.items() if v is not None and have.get(k) != str(v)[:6000]]
+    if new:
+        mlflow_client.log_batch(run_id, params=new)
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: dict, step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if batch:
+        mlflow_client.log_batch(run_id, metrics=batch)
 
 
 def log_run(experiment: str, run_name: str, params: dict, metrics: dict, artifacts: list[Path] = (),
             tags: dict | None = None, uri: str | None = None) -> str:
     """One finished MLflow run with its params, metrics and artifact files; returns the run id."""
-    import logging
-
-    import mlflow
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite schema migrations are noisy
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params({k: v for k, v in params.items() if v is not None})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        for path in artifacts:
-            if Path(path).exists():
-                mlflow.log_artifact(str(path))
-    return run.info.run_id
+    c = client(tracking_uri(uri))
+    run_id = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=tags or {}).info.run_id
+    log_params(c, run_id, params)
+    log_metrics(c, run_id, metrics)
+    for path in artifacts:
+        if Path(path).exists():
+            c.log_artifact(run_id, str(path))
+    c.set_terminated(run_id, "FINISHED")
+    return run_id

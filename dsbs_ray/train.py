@@ -69,6 +69,8 @@ class TrainConfig(BaseModel):
     output_dir: str = "runs"
     run_name: str | None = None
     max_failures: int = Field(0, ge=0)
+    tracking_uri: str | None = None  # with mlflow_run_id: rank 0 logs loss/accuracy by step there
+    mlflow_run_id: str | None = None
 
     @model_validator(mode="after")
     def _batch_divides(self):
@@ -96,7 +98,8 @@ class TrainConfig(BaseModel):
         if self.run_name:
             return self.run_name
         keys = self.model_dump(exclude={"workers", "cpus_per_worker", "gpus_per_worker", "output_dir",
-                                        "run_name", "max_failures", "eval_batch_size"})
+                                        "run_name", "max_failures", "eval_batch_size",
+                                        "tracking_uri", "mlflow_run_id"})
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
         student = Path(self.student.rstrip("/")).name
         return f"{self.task}-{student}-{self.method}-{self.label_source}-f{self.fraction:g}-s{self.seed}-{digest}"
@@ -523,11 +526,29 @@ def _log(rank: int, message: str):
         print(message, flush=True)
 
 
+def _live_metrics(cfg: TrainConfig):
+    """A function that logs step metrics to the job's MLflow run, or None. A store hiccup costs a
+    warning, never the training run."""
+    if not (cfg.tracking_uri and cfg.mlflow_run_id):
+        return None
+    from dsbs_ray import tracking
+
+    c = tracking.client(cfg.tracking_uri)
+
+    def log(metrics: dict, step: int):
+        try:
+            tracking.log_metrics(c, cfg.mlflow_run_id, metrics, step)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: MLflow step metrics not logged ({type(e).__name__}: {e})", file=sys.stderr)
+    return log
+
+
 def train_loop(config: dict, session=None) -> dict | None:
     """Train one student; returns the final metrics on rank 0 (None elsewhere).
 
     config: a TrainConfig as a dict. session: LocalSession (default) or RaySession.
     """
+    loop_start = time.perf_counter()
     cfg = TrainConfig(**config)
     run_dir = Path(cfg.output_dir).resolve() / cfg.name()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -577,6 +598,7 @@ def train_loop(config: dict, session=None) -> dict | None:
             epoch_batches[epoch] = bucketed_batches(keys, cfg.batch_size, cfg.seed, epoch, min_rows)
         return epoch_batches[epoch][step % per_epoch]
 
+    live = _live_metrics(cfg) if rank == 0 else None
     module.train()
     loss_sum, loss_steps, train_seconds, examples = 0.0, 0, 0.0, 0
     last_metrics: dict = {}
@@ -610,6 +632,8 @@ def train_loop(config: dict, session=None) -> dict | None:
             _log(rank, f"step {done}/{cfg.max_steps} loss {last_metrics['loss']:.4f} "
                        f"valid_accuracy {valid_acc:.4f} {last_metrics['examples_per_s']:.1f} ex/s")
             checkpoint_and_report(last_metrics)
+            if live:
+                live(last_metrics, done)
             first_loss = last_metrics["loss"] if first_loss is None else first_loss
             loss_sum, loss_steps = 0.0, 0
 
@@ -629,7 +653,7 @@ def train_loop(config: dict, session=None) -> dict | None:
         "train_rows": len(tokens["labels"]), "dropped_unparsed": data["rows"]["dropped_unparsed"],
         "accuracy": test_acc, "valid_accuracy": valid_acc, "steps": cfg.max_steps, "resumed_from_step": start_step,
         "examples_per_s": examples / train_seconds if train_seconds else None,
-        "train_seconds": train_seconds, "run_dir": str(run_dir),
+        "train_seconds": train_seconds, "loop_seconds": time.perf_counter() - loop_start, "run_dir": str(run_dir),
         "predictions": str(run_dir / "predictions_test.jsonl"), "first_loss": first_loss, "final_loss": last_metrics.get("loss"),
     }
 

@@ -1,0 +1,222 @@
+"""The sweep report, from MLflow runs: accuracy vs data fraction (a panel per task x student),
+accuracy vs student size, the teacher's accuracy as a line, and the frontier table (the smallest
+student and data fraction that beat the teacher, per method and task). Files plus MLflow artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dsbs_ray.errors import UserError
+
+METHOD_ORDER = ["finetune", "distill", "dsbs-gold", "dsbs-teacher"]
+METHOD_STYLE = {"finetune": ("tab:blue", "o"), "distill": ("tab:orange", "s"),
+                "dsbs-gold": ("tab:green", "^"), "dsbs-teacher": ("tab:red", "D")}
+
+
+def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
+    """One row per finished trial run: task, student, parameters, method, fraction, seed, accuracy."""
+    from dsbs_ray import tracking
+
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"experiment: no MLflow experiment {experiment!r} in {uri}")
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'trial' and attributes.status = 'FINISHED'",
+                         max_results=50_000)
+    rows = []
+    for r in runs:
+        p, m = r.data.params, r.data.metrics
+        if "accuracy" not in m or "method" not in p:
+            continue
+        rows.append({"task": p["task"], "student": p.get("student_name", p["student"]),
+                     "parameters": int(float(p.get("parameters", m.get("parameters", 0)))), "method": p["method"],
+                     "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
+                     "data_dir": p.get("data_dir"), "run_name": p.get("run_name", r.info.run_name),
+                     "end_time": r.info.end_time or 0})
+    if not rows:
+        raise UserError(f"experiment {experiment!r} has no finished trial runs to report on")
+    df = pd.DataFrame(rows).sort_values("end_time")
+    return df.drop_duplicates("run_name", keep="last").reset_index(drop=True)
+
+
+def teacher_accuracy(task: str, data_dir: str | None) -> tuple[float | None, str | None]:
+    """The teacher's accuracy on the test split (valid where the released data has no test outputs)."""
+    from dsbs_ray.teacher import teacher_report
+
+    for split in ("test", "valid"):
+        try:
+            return teacher_report(task, split, data_dir)["accuracy"], split
+        except UserError:
+            continue
+    return None, None
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and spread) of accuracy over seeds per task x student x method x fraction."""
+    g = df.groupby(["task", "student", "parameters", "method", "fraction"], as_index=False)
+    out = g.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"))
+    out["accuracy_std"] = out["accuracy_std"].fillna(0.0)
+    return out.sort_values(["task", "parameters", "method", "fraction"]).reset_index(drop=True)
+
+
+def frontier(summary: pd.DataFrame, teacher: dict) -> pd.DataFrame:
+    """Per task and method: the smallest student (then the smallest fraction) whose accuracy beats the teacher's."""
+    rows = []
+    for (task, method), cells in summary.groupby(["task", "method"]):
+        t = teacher.get(task)
+        best = cells.loc[cells.accuracy.idxmax()]
+        row = {"task": task, "method": method, "teacher_accuracy": t, "student": None, "parameters": None,
+               "fraction": None, "accuracy": None, "best_accuracy": best.accuracy}
+        if t is not None:
+            winners = cells[cells.accuracy > t].sort_values(["parameters", "fraction"])
+            if len(winners):
+                w = winners.iloc[0]
+                row |= {"student": w.student, "parameters": int(w.parameters), "fraction": w.fraction,
+                        "accuracy": w.accuracy}
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["method"] = pd.Categorical(out["method"], [m for m in METHOD_ORDER if m in set(out["method"])] +
+                                   sorted(set(out["method"]) - set(METHOD_ORDER)))
+    return out.sort_values(["task", "method"]).reset_index(drop=True)
+
+
+def _methods(df: pd.DataFrame) -> list[str]:
+    present = set(df["method"])
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
+def _teacher_line(ax, value, split):
+    if value is not None:
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"teacher ({split})")
+
+
+def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
+    """Accuracy vs data fraction per method: a panel per task (rows) x student (columns, by size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(summary.task.unique())
+    students = summary.drop_duplicates("student").sort_values("parameters")[["student", "parameters"]].values.tolist()
+    fig, axes = plt.subplots(len(tasks), len(students), figsize=(4 * len(students), 3.2 * len(tasks)),
+                             squeeze=False, sharey="row")
+    for i, task in enumerate(tasks):
+        for j, (student, n) in enumerate(students):
+            ax = axes[i][j]
+            cells = summary[(summary.task == task) & (summary.student == student)]
+            for method in _methods(cells):
+                m = cells[cells.method == method].sort_values("fraction")
+                color, marker = METHOD_STYLE.get(method, (None, "x"))
+                ax.errorbar(m.fraction * 100, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method,
+                            color=color, marker=marker, capsize=3)
+            _teacher_line(ax, None if teacher.get(task) is None else teacher[task] * 100, splits.get(task))
+            ax.set_title(f"{task} · {student} ({n / 1e6:.2f}M)", fontsize=9)
+            ax.set_xlabel("training data (%)")
+            if j == 0:
+                ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_size(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
+    """Accuracy vs student size per method, at each task's largest data fraction: a panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(summary.task.unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        cells = summary[summary.task == task]
+        full = cells.fraction.max()
+        cells = cells[cells.fraction == full]
+        for method in _methods(cells):
+            m = cells[cells.method == method].sort_values("parameters")
+            color, marker = METHOD_STYLE.get(method, (None, "x"))
+            ax.errorbar(m.parameters, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method, color=color,
+                        marker=marker, capsize=3)
+        _teacher_line(ax, None if teacher.get(task) is None else teacher[task] * 100, splits.get(task))
+        ax.set_xscale("log")
+        ax.set_title(f"{task} · {full * 100:g}% of the training data", fontsize=9)
+        ax.set_xlabel("student parameters")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x) -> str:
+    return "—" if x is None or pd.isna(x) else f"{100 * x:.1f}"
+
+
+def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict, splits: dict,
+             n_runs: int) -> str:
+    lines = [f"# Sweep report: {experiment}", "",
+             f"{n_runs} finished trial runs; accuracy in % on the test split (mean over seeds).", "",
+             "## Frontier: the smallest student and data fraction that beat the teacher", "",
+             "| task | method | teacher | smallest student | parameters | data | accuracy | best seen |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in front.itertuples():
+        t = "unknown" if r.teacher_accuracy is None or pd.isna(r.teacher_accuracy) else \
+            f"{_pct(r.teacher_accuracy)} ({splits.get(r.task)})"
+        if r.student is None or pd.isna(r.student):
+            lines.append(f"| {r.task} | {r.method} | {t} | none beats it | — | — | — | {_pct(r.best_accuracy)} |")
+        else:
+            lines.append(f"| {r.task} | {r.method} | {t} | {r.student} | {int(r.parameters):,} | "
+                         f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.best_accuracy)} |")
+    lines += ["", "## Figures", "", "![accuracy vs data fraction](accuracy_vs_fraction.png)", "",
+              "![accuracy vs student size](accuracy_vs_size.png)", "", "## All results", "",
+              "| task | student | parameters | method | data | accuracy | ± | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.task} | {r.student} | {int(r.parameters):,} | {r.method} | {r.fraction * 100:g}% | "
+                     f"{_pct(r.accuracy)} | {_pct(r.accuracy_std)} | {r.seeds} |")
+    teachers = ", ".join(f"{k} {_pct(v)} ({splits[k]})" for k, v in teacher.items() if v is not None)
+    lines += ["", f"Teacher accuracy: {teachers or 'not available (no teacher outputs for test/valid)'}.", ""]
+    return "\n".join(lines)
+
+
+def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | None = None,
+                 parent_run_id: str | None = None, log: bool = True) -> dict:
+    """Figures and the Markdown report for an experiment's finished trials; logged to MLflow (on the
+    sweep's parent run: the given one, else the experiment's latest)."""
+    from dsbs_ray import tracking
+
+    uri = tracking.tracking_uri(uri)
+    df = collect_trials(experiment, uri)
+    out = Path(out_dir or Path("work/reports") / experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, splits = {}, {}
+    for task, cells in df.groupby("task"):
+        teacher[task], splits[task] = teacher_accuracy(task, cells.data_dir.dropna().iloc[-1] if cells.data_dir.notna().any() else None)
+    summary = summarise(df)
+    front = frontier(summary, teacher)
+    plot_fraction(summary, teacher, splits, out / "accuracy_vs_fraction.png")
+    plot_size(summary, teacher, splits, out / "accuracy_vs_size.png")
+    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, splits, len(df)))
+    summary.to_csv(out / "results.csv", index=False)
+    front.to_csv(out / "frontier.csv", index=False)
+    files = [out / n for n in ("report.md", "accuracy_vs_fraction.png", "accuracy_vs_size.png", "results.csv",
+                               "frontier.csv")]
+    if log:
+        c = tracking.client(uri)
+        if parent_run_id is None:
+            exp = c.get_experiment_by_name(experiment)
+            parents = c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'sweep'", max_results=1,
+                                    order_by=["attributes.start_time DESC"])
+            parent_run_id = parents[0].info.run_id if parents else \
+                c.create_run(exp.experiment_id, run_name="report", tags={"dsbs.role": "report"}).info.run_id
+        for f in files:
+            c.log_artifact(parent_run_id, str(f), artifact_path="report")
+    return {"experiment": experiment, "trials": len(df), "markdown": str(out / "report.md"),
+            "figures": [str(out / "accuracy_vs_fraction.png"), str(out / "accuracy_vs_size.png")],
+            "frontier": front.to_dict("records"), "mlflow_run_id": parent_run_id}
