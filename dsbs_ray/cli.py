@@ -181,6 +181,9 @@ def sweep_cmd(
         return
     with contextlib.redirect_stdout(sys.stderr):  # Tune, trial and worker logs stay off our JSON stdout
         summary = run_sweep(cfg)
+        import ray
+
+        ray.shutdown()  # flushes the last forwarded worker logs while stdout still points at stderr
     _print_trials(summary["results"])
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
     print(f"report: {summary['report']}\nMLflow UI: make mlflow-ui  (or: mlflow ui --backend-store-uri "

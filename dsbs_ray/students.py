@@ -80,3 +80,17 @@ def load_tokenizer(student: str):
 def count_parameters(model) -> int:
     """Parameter count; under ZeRO-3 a rank holds only a shard, DeepSpeed keeps the full size in ds_numel."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def estimate_parameters(student: str) -> int | None:
+    """Parameter count from the config alone (a meta-device model: no weights read), None if unknown."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(student)
+        with torch.device("meta"):
+            model = AutoModelForSeq2SeqLM.from_config(config)
+    except (OSError, ValueError):
+        return None
+    return count_parameters(model)

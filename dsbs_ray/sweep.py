@@ -181,6 +181,15 @@ def _tune_trial(config: dict, jobs: list[dict], tracking: dict):
     ray.tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None})
 
 
+def longest_first(jobs: list[TrainConfig]) -> list[TrainConfig]:
+    """Trials ordered by estimated cost, biggest first, so the sweep does not end on one long trial
+    while the other slots idle. Steps are fixed, so cost ~ parameters x (2 for dsbs: two targets)."""
+    from dsbs_ray.students import estimate_parameters
+
+    sizes = {s: estimate_parameters(s) or 0 for s in {j.student for j in jobs}}
+    return sorted(jobs, key=lambda j: -sizes[j.student] * (2 if j.method == "dsbs" else 1))
+
+
 def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
     """Every check that can fail on user input, before any trial launches: the grid, the students,
     the data and teacher annotations, the tracking store. Returns (resolved jobs, tracking URI)."""
@@ -195,7 +204,7 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
             checked.add(key)
     uri = tracking.tracking_uri(cfg.tracking_uri)
     tracking.check_reachable(uri)
-    return jobs, uri
+    return longest_first(jobs), uri
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -237,7 +246,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(list(range(len(jobs))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_retries)),
         )

@@ -1,0 +1,252 @@
+"""The sweep end to end on a real local Ray, a real MLflow SQLite store, a real `mlflow server` and a
+real Ray head taking `ray job submit` with token auth. Grids are sweeps/local.yaml with fewer steps."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def _local_sweep(tmp: Path, tiny: dict, data_dir: Path, name: str, **overrides) -> Path:
+    """sweeps/local.yaml with the test's students, data and stores, and short trials."""
+    cfg = yaml.safe_load((REPO / "sweeps" / "local.yaml").read_text())
+    by_name = {Path(s["id"]).name: s for s in cfg["students"]}
+    for spec in cfg["students"]:
+        spec["id"] = str(tiny[Path(spec["id"]).name])
+    assert set(by_name) == {"t5-tiny-s", "t5-tiny-m"}
+    cfg |= {"name": name, "data_dir": str(data_dir), "output_dir": str(tmp / "sweeps"),
+            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_steps": 10, "eval_every": 5, "eval_limit": 10,
+            "gen_max_length": 16} | overrides
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _done_markers(out: Path) -> dict:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")}
+
+
+def _trial_runs(uri: str, experiment: str) -> list:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'trial'")
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(tmp_path_factory, students, data_dir):
+    """sweeps/local.yaml (2 students x 2 fractions x 2 methods) killed (SIGKILL, driver and its local
+    Ray) after two trials finished, then rerun to the end."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = _local_sweep(tmp, students, data_dir, "local-test")
+    cmd = [PY, "-m", "dsbs_ray", "sweep", str(path)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    while len(_done_markers(tmp / "sweeps")) < 2 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    before = _done_markers(tmp / "sweeps")
+    assert len(before) >= 2, first.stdout.read().decode()[-3000:] if first.poll() is not None else "timeout"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = _done_markers(tmp / "sweeps")
+    assert len(before) < 8, "the sweep finished before it could be interrupted"
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    return {"tmp": tmp, "summary": summary, "before": before, "after": _done_markers(tmp / "sweeps"),
+            "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+def test_local_sweep_completes_after_an_interruption(resumed_sweep):
+    s = resumed_sweep["summary"]
+    assert s["trials"] == 8 and s["failed"] == 0
+    assert s["skipped"] == len(resumed_sweep["before"]) and s["finished"] == 8 - s["skipped"]
+    assert len(resumed_sweep["after"]) == 8
+    # the trials finished before the kill were not trained again: their results are untouched
+    for trial, mtime in resumed_sweep["before"].items():
+        assert resumed_sweep["after"][trial] == mtime
+
+
+def test_mlflow_has_one_child_run_per_trial_with_params_and_accuracy(resumed_sweep, students):
+    from mlflow import MlflowClient
+
+    uri = resumed_sweep["uri"]
+    runs = _trial_runs(uri, "local-test")
+    assert len(runs) == 8 and len({r.data.tags["dsbs.trial"] for r in runs}) == 8
+    parent = resumed_sweep["summary"]["parent_run_id"]
+    sizes = {}
+    for r in runs:
+        p, m = r.data.params, r.data.metrics
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent
+        assert p["task"] == "svamp" and p["method"] in {"finetune", "dsbs-gold"} and p["steps"] == "10"
+        assert float(p["fraction"]) in {0.25, 1.0} and p["seed"] == "0" and p["alpha"] == "0.5"
+        assert p["label_source"] == "gold" and p["student_name"] in {"t5-tiny-s", "t5-tiny-m"}
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["examples_per_s"] > 0 and m["wall_seconds"] > 0
+        sizes.setdefault(p["student_name"], set()).add(int(p["parameters"]))
+        # loss and eval accuracy by step, as the trial ran
+        history = MlflowClient(uri).get_metric_history(r.info.run_id, "loss")
+        assert {h.step for h in history} == {5, 10}
+    assert len(sizes["t5-tiny-s"]) == 1 and max(sizes["t5-tiny-s"]) < min(sizes["t5-tiny-m"])
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id)}
+    assert {"predictions_test.jsonl", "config.json"} <= artifacts
+    sweeps = MlflowClient(uri).search_runs([runs[0].info.experiment_id], filter_string="tags.`dsbs.role` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    report = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/accuracy_vs_fraction.png", "report/accuracy_vs_size.png"} <= report
+
+
+def test_report_command_writes_figures_and_frontier(resumed_sweep, tmp_path):
+    out = tmp_path / "report"
+    r = subprocess.run([PY, "-m", "dsbs_ray", "report", "--experiment", "local-test", "--tracking-uri",
+                        resumed_sweep["uri"], "--out-dir", str(out), "--no-log"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["trials"] == 8
+    for png in ("accuracy_vs_fraction.png", "accuracy_vs_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000
+    text = (out / "report.md").read_text()
+    frontier = [ln for ln in text.splitlines() if ln.startswith("| svamp | finetune |") or ln.startswith("| svamp | dsbs-gold |")]
+    assert len(frontier) >= 2
+    # the PaLM teacher's test accuracy on SVAMP (74.0 %) is the line to beat
+    assert "74.0 (test)" in frontier[0]
+
+
+def test_rerunning_a_finished_sweep_trains_nothing(resumed_sweep):
+    path = resumed_sweep["tmp"] / "local-test.yaml"
+    before = _done_markers(resumed_sweep["tmp"] / "sweeps")
+    r = subprocess.run([PY, "-m", "dsbs_ray", "sweep", str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] == 8 and summary["finished"] == 0
+    assert _done_markers(resumed_sweep["tmp"] / "sweeps") == before
+    assert len(_trial_runs(resumed_sweep["uri"], "local-test")) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# A Ray head on 127.0.0.1 with token auth, an MLflow server on 127.0.0.1, `ray job submit`
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_tree(pids: list[int]) -> None:
+    """Stop what we started, by PID (never `ray stop`: it kills every Ray on the machine)."""
+    procs = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs |= {p.pid: p for p in [root] + root.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'db.sqlite'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).read().strip() == b"OK":
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server not healthy: " + (tmp / "server.log").read_text()[-2000:])
+        yield url
+    finally:
+        _stop_tree([proc.pid])
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A loopback-only Ray head with token auth on; stopped by the PIDs of its own processes."""
+    tmp = tmp_path_factory.mktemp("ray_head")
+    home = tmp / "home"
+    home.mkdir()
+    gen = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, text=True,
+                         env=dict(os.environ, HOME=str(home)))
+    token = gen.stdout.strip().splitlines()[-1] if gen.returncode == 0 else secrets.token_hex(32)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"rt{secrets.token_hex(3)}"  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                            "--num-cpus=2", "--object-store-memory=300000000", f"--temp-dir={temp_dir}",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "token": token}
+    finally:
+        roots = [p.pid for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in (p.info["cmdline"] or []))]
+        _stop_tree(roots)
+        subprocess.run(["rm", "-rf", str(temp_dir)])
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"}, method="POST" if body else "GET")
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def test_ray_job_submit_runs_a_sweep_logged_to_an_mlflow_server(ray_head, mlflow_server, tmp_path, students, data_dir):
+    path = _local_sweep(tmp_path, students, data_dir, "job-test", fractions=[0.25], methods=["dsbs-gold"],
+                        students=[{"id": str(students["t5-tiny-s"]), "workers": 2, "cpus_per_worker": 0.5,
+                                   "zero": "2"}],
+                        tracking_uri=mlflow_server)
+    runtime_env = {"env_vars": {"DSBS_CACHE": os.environ["DSBS_CACHE"]}}
+    # the entrypoint of cluster/rayjob.yaml, with the test's config
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir",
+                        str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", PY, "-m", "dsbs_ray",
+                        "sweep", str(path)], capture_output=True, text=True, env=ray_head["env"], timeout=600)
+    assert r.returncode == 0 and "succeeded" in (r.stdout + r.stderr).lower(), (r.stdout + r.stderr)[-4000:]
+
+    # without the token the head refuses the same client
+    no_token = {k: v for k, v in ray_head["env"].items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
+    denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head["address"]],
+                            capture_output=True, text=True, env=no_token, timeout=60)
+    assert denied.returncode != 0
+
+    # the runs, over the tracking server's REST API
+    exp = _rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=job-test")["experiment"]
+    runs = _rest(mlflow_server, "/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [exp["experiment_id"]], "filter": "tags.`dsbs.role` = 'trial'"})["runs"]
+    assert len(runs) == 1
+    params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
+    metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+    assert params["method"] == "dsbs-gold" and params["workers"] == "2" and params["zero"] == "2"
+    assert runs[0]["info"]["status"] == "FINISHED" and 0.0 <= metrics["accuracy"] <= 1.0
