@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,52 @@ def test_empty_grid(tmp_path):
     path.write_text("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: []\nmethods: [finetune]\n")
     with pytest.raises(UserError, match="grid is empty"):
         expand(load_sweep(path))
+
+
+def _sweep_file(tmp_path, tiny, data, **overrides) -> Path:
+    import yaml
+
+    cfg = {"name": "bad", "tasks": ["svamp"], "students": [{"id": str(tiny["t5-tiny-s"]), "zero": "off"}],
+           "fractions": [0.25], "methods": ["finetune"], "max_steps": 2, "batch_size": 4, "data_dir": str(data),
+           "output_dir": str(tmp_path / "out"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"} | overrides
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"students": [{"id": "/nonexistent/t5-student"}]}, "student checkpoint /nonexistent/t5-student does not exist"),
+    ({"tracking_uri": "http://127.0.0.1:{port}"}, "tracking_uri: cannot reach the MLflow server"),
+    ({"tracking_uri": "sqlite:////nonexistent/dir/mlflow.db"}, "tracking_uri: directory /nonexistent/dir"),
+    ({"tracking_uri": "file:///tmp/mlruns"}, "file store"),
+    ({"methods": ["dsbs-teacher"], "data_dir": "{tmp}/no_teacher"}, "svamp/llm/train_CoT_0.json (teacher outputs)"),
+])
+def test_bad_sweeps_fail_before_any_trial(tmp_path, students, data_dir, override, needle):
+    """Each mistake is one line on stderr, exit 2, and nothing launched (no Tune dir, no MLflow store)."""
+    import json as _json
+
+    override = _json.loads(_json.dumps(override).replace("{port}", str(_closed_port())).replace("{tmp}", str(tmp_path)))
+    path = _sweep_file(tmp_path, students, data_dir, **override)
+    exe = Path(sys.executable).with_name("dsbs")
+    r = subprocess.run([str(exe), "sweep", str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_longest_trials_go_first(students, data_dir, tmp_path):
+    from dsbs_ray.sweep import check_sweep, load_sweep
+
+    path = _sweep_file(tmp_path, students, data_dir, methods=["finetune", "dsbs-gold"],
+                       students=[{"id": str(students[n]), "zero": "off"} for n in ("t5-tiny-s", "t5-tiny-l", "t5-tiny-m")])
+    jobs, _ = check_sweep(load_sweep(path))
+    order = [(Path(j.student).name, j.method) for j in jobs]
+    assert order[0] == ("t5-tiny-l", "dsbs") and order[-1] == ("t5-tiny-s", "standard")
