@@ -159,6 +159,8 @@ def sweep_cmd(
                                                help="MLflow tracking URI (default: the config's, else sqlite:///mlflow.db)."),
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: the config's, else its name)."),
     max_concurrent_trials: Optional[int] = typer.Option(None, help="Trials at once (default: the config's)."),
+    output_dir: Optional[Path] = typer.Option(None, help="Run dirs and checkpoints (default: the config's); on a "
+                                              "multi-node cluster, storage every node mounts."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and list the trials; train nothing."),
 ) -> None:
     """Run a sweep: every (task, student, fraction, method, seed) a Ray Train job under Ray Tune,
@@ -169,7 +171,8 @@ def sweep_cmd(
 
     cfg = load_sweep(config)
     updates = {k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment,
-                                 "max_concurrent_trials": max_concurrent_trials}.items() if v is not None}
+                                 "max_concurrent_trials": max_concurrent_trials,
+                                 "output_dir": str(output_dir) if output_dir else None}.items() if v is not None}
     cfg = build(type(cfg), where=f"{config}: ", **(cfg.model_dump() | updates))
     if dry_run:
         jobs, uri = check_sweep(cfg)
