@@ -155,8 +155,8 @@ def train_cmd(
 @app.command("sweep")
 def sweep_cmd(
     config: Path = typer.Argument(..., help="Sweep config (YAML), e.g. sweeps/local.yaml or sweeps/paper.yaml."),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
-                                               help="MLflow tracking URI (default: the config's, else sqlite:///mlflow.db)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the config's, else "
+                                               "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: the config's, else its name)."),
     max_concurrent_trials: Optional[int] = typer.Option(None, help="Trials at once (default: the config's)."),
     output_dir: Optional[Path] = typer.Option(None, help="Run dirs and checkpoints (default: the config's); on a "

@@ -88,6 +88,24 @@ def _methods(df: pd.DataFrame) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _method_lines(ax, cells: pd.DataFrame, x: str, scale: float = 1.0):
+    """A line per method: accuracy (%) against column x, seed spread as error bars."""
+    for method in _methods(cells):
+        m = cells[cells.method == method].sort_values(x)
+        color, marker = METHOD_STYLE.get(method, (None, "x"))
+        ax.errorbar(m[x] * scale, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method, color=color,
+                    marker=marker, capsize=3)
+
+
 def _teacher_line(ax, value, split):
     if value is not None:
         ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"teacher ({split})")
@@ -95,11 +113,7 @@ def _teacher_line(ax, value, split):
 
 def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
     """Accuracy vs data fraction per method: a panel per task (rows) x student (columns, by size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tasks = sorted(summary.task.unique())
     students = summary.drop_duplicates("student").sort_values("parameters")[["student", "parameters"]].values.tolist()
     fig, axes = plt.subplots(len(tasks), len(students), figsize=(4 * len(students), 3.2 * len(tasks)),
@@ -107,12 +121,7 @@ def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path
     for i, task in enumerate(tasks):
         for j, (student, n) in enumerate(students):
             ax = axes[i][j]
-            cells = summary[(summary.task == task) & (summary.student == student)]
-            for method in _methods(cells):
-                m = cells[cells.method == method].sort_values("fraction")
-                color, marker = METHOD_STYLE.get(method, (None, "x"))
-                ax.errorbar(m.fraction * 100, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method,
-                            color=color, marker=marker, capsize=3)
+            _method_lines(ax, summary[(summary.task == task) & (summary.student == student)], "fraction", 100)
             _teacher_line(ax, None if teacher.get(task) is None else teacher[task] * 100, splits.get(task))
             ax.set_title(f"{task} · {student} ({n / 1e6:.2f}M)", fontsize=9)
             ax.set_xlabel("training data (%)")
@@ -127,22 +136,13 @@ def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path
 
 def plot_size(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
     """Accuracy vs student size per method, at each task's largest data fraction: a panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tasks = sorted(summary.task.unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = summary[summary.task == task]
         full = cells.fraction.max()
-        cells = cells[cells.fraction == full]
-        for method in _methods(cells):
-            m = cells[cells.method == method].sort_values("parameters")
-            color, marker = METHOD_STYLE.get(method, (None, "x"))
-            ax.errorbar(m.parameters, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method, color=color,
-                        marker=marker, capsize=3)
+        _method_lines(ax, cells[cells.fraction == full], "parameters")
         _teacher_line(ax, None if teacher.get(task) is None else teacher[task] * 100, splits.get(task))
         ax.set_xscale("log")
         ax.set_title(f"{task} · {full * 100:g}% of the training data", fontsize=9)
@@ -213,8 +213,11 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
             exp = c.get_experiment_by_name(experiment)
             parents = c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'sweep'", max_results=1,
                                     order_by=["attributes.start_time DESC"])
-            parent_run_id = parents[0].info.run_id if parents else \
-                c.create_run(exp.experiment_id, run_name="report", tags={"dsbs.role": "report"}).info.run_id
+            if parents:
+                parent_run_id = parents[0].info.run_id
+            else:  # runs logged by hand, without a sweep: the report gets a run of its own
+                parent_run_id = c.create_run(exp.experiment_id, run_name="report", tags={"dsbs.role": "report"}).info.run_id
+                c.set_terminated(parent_run_id, "FINISHED")
         for f in files:
             c.log_artifact(parent_run_id, str(f), artifact_path="report")
     return {"experiment": experiment, "trials": len(df), "markdown": str(out / "report.md"),

@@ -144,9 +144,8 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
             "mlflow.parentRunId": parent_run_id}
     if done.exists():
         result = json.loads(done.read_text())
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = c.search_runs([experiment_id], filter_string=query, max_results=1)
-        if runs and runs[0].info.status == "FINISHED":
+        run = tracking.find_run(c, experiment_id, tags)
+        if run is not None and run.info.status == "FINISHED":
             return {**result, "skipped": True}
     run_id = tracking.find_or_start_run(c, experiment_id, job.name(), tags)
     tracking.log_params(c, run_id, trial_params(job))

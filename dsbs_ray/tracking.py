@@ -67,17 +67,22 @@ def experiment_id(mlflow_client, name: str) -> str:
         return exp.experiment_id
 
 
-def find_or_start_run(mlflow_client, exp_id: str, run_name: str, tags: dict) -> str:
-    """The run whose tags match `tags` (reopened), or a new one: a rerun never duplicates a run."""
+def find_run(mlflow_client, exp_id: str, tags: dict):
+    """The latest run whose tags match `tags`, or None."""
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     found = mlflow_client.search_runs([exp_id], filter_string=query, max_results=1,
                                       order_by=["attributes.start_time DESC"])
-    if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
-            mlflow_client.update_run(run_id, status="RUNNING")
-        return run_id
-    return mlflow_client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    return found[0] if found else None
+
+
+def find_or_start_run(mlflow_client, exp_id: str, run_name: str, tags: dict) -> str:
+    """The run whose tags match `tags` (reopened), or a new one: a rerun never duplicates a run."""
+    run = find_run(mlflow_client, exp_id, tags)
+    if run is None:
+        return mlflow_client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    if run.info.status != "RUNNING":
+        mlflow_client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 def log_params(mlflow_client, run_id: str, params: dict) -> None:

@@ -1,0 +1,48 @@
+"""The frontier table: per task and method, the smallest student, then the smallest fraction, that
+beats the teacher; the teacher's accuracy from its outputs (test split, else valid)."""
+
+import pandas as pd
+import pytest
+
+from dsbs_ray.report import frontier, markdown, summarise, teacher_accuracy
+
+
+def _trials():
+    rows = []
+    # (student, parameters, method, fraction, accuracy per seed)
+    grid = [("s", 1_000, "finetune", 0.5, [0.50, 0.52]), ("s", 1_000, "finetune", 1.0, [0.60, 0.62]),
+            ("m", 5_000, "finetune", 0.5, [0.70, 0.72]), ("m", 5_000, "finetune", 1.0, [0.80, 0.82]),
+            ("s", 1_000, "dsbs-gold", 0.5, [0.74, 0.78]), ("s", 1_000, "dsbs-gold", 1.0, [0.90, 0.90]),
+            ("m", 5_000, "dsbs-gold", 0.25, [0.80, 0.80]),
+            ("s", 1_000, "distill", 1.0, [0.10, 0.20])]
+    for student, n, method, fraction, accs in grid:
+        for seed, acc in enumerate(accs):
+            rows.append({"task": "svamp", "student": student, "parameters": n, "method": method,
+                         "fraction": fraction, "seed": seed, "accuracy": acc})
+    return pd.DataFrame(rows)
+
+
+def test_frontier_picks_the_smallest_student_then_the_smallest_fraction():
+    summary = summarise(_trials())
+    assert summary[(summary.student == "s") & (summary.method == "dsbs-gold") & (summary.fraction == 0.5)]\
+        .accuracy.item() == pytest.approx(0.76)
+    front = frontier(summary, {"svamp": 0.75}).set_index("method")
+    # finetune: the small student never beats 0.75; the medium one does, first at 100 %
+    assert front.loc["finetune", "student"] == "m" and front.loc["finetune", "fraction"] == 1.0
+    # dsbs-gold: the small student beats it already at 50 % (mean of seeds 0.76), although the
+    # medium student beats it with less data (25 %): size comes first
+    assert front.loc["dsbs-gold", "student"] == "s" and front.loc["dsbs-gold", "fraction"] == 0.5
+    assert pd.isna(front.loc["distill", "student"]) and front.loc["distill", "best_accuracy"] == pytest.approx(0.15)
+    text = markdown("x", summary, front.reset_index(), {"svamp": 0.75}, {"svamp": "test"}, 15)
+    assert "| svamp | distill | 75.0 (test) | none beats it |" in text
+    assert "| svamp | dsbs-gold | 75.0 (test) | s | 1,000 | 50% | 76.0 | 90.0 |" in text
+
+
+def test_frontier_without_a_teacher_accuracy():
+    front = frontier(summarise(_trials()), {})
+    assert front.student.isna().all() and front.teacher_accuracy.isna().all()
+
+
+def test_teacher_accuracy_uses_test_then_valid(data_dir):
+    assert teacher_accuracy("svamp", str(data_dir)) == (0.74, "test")
+    assert teacher_accuracy("anli1", str(data_dir)) == (0.668, "valid")  # the released data has no test outputs
