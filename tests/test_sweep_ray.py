@@ -250,3 +250,34 @@ def test_ray_job_submit_runs_a_sweep_logged_to_an_mlflow_server(ray_head, mlflow
     metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
     assert params["method"] == "dsbs-gold" and params["workers"] == "2" and params["zero"] == "2"
     assert runs[0]["info"]["status"] == "FINISHED" and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path, students, data_dir):
+    """SIGKILL the trial's Ray Train worker after its first checkpoint: the job fails, Tune retries the
+    trial (max_retries 1), the retry resumes from the checkpoint, the sweep succeeds."""
+    path = _local_sweep(tmp_path, students, data_dir, "retry-test", fractions=[0.25], methods=["dsbs-gold"],
+                        students=[{"id": str(students["t5-tiny-m"]), "workers": 1, "cpus_per_worker": 0.5,
+                                   "zero": "off"}],
+                        max_steps=60, eval_every=10, max_retries=1)
+    sweep = subprocess.Popen([PY, "-m", "dsbs_ray", "sweep", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed, deadline = None, time.time() + 300
+    while killed is None and time.time() < deadline and sweep.poll() is None:
+        if list((tmp_path / "sweeps").glob("retry-test/*/checkpoint_manager_snapshot.json")):  # a checkpoint is registered
+            for p in psutil.Process(sweep.pid).children(recursive=True):
+                try:
+                    if any("RayTrainWorker" in a for a in p.cmdline()):
+                        p.kill()
+                        killed = p.pid
+                except psutil.NoSuchProcess:
+                    pass
+        time.sleep(0.2)
+    out, err = sweep.communicate(timeout=600)
+    assert killed, "no Ray Train worker was found to kill: " + err[-3000:]
+    assert sweep.returncode == 0, err[-4000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["finished"] == 1 and summary["failed"] == 0
+    result = json.loads(next((tmp_path / "sweeps").glob("retry-test/*/result.json")).read_text())
+    assert result["steps"] == 60 and result["resumed_from_step"] >= 10
+    runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "retry-test")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
