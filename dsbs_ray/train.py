@@ -626,7 +626,9 @@ def train_loop(config: dict, session=None) -> dict | None:
             loss_t = torch.tensor([loss_sum], dtype=torch.float64)
             if world > 1:
                 torch.distributed.all_reduce(loss_t)
-            valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced)
+            final = done == cfg.max_steps  # the last evaluation writes the valid predictions file
+            valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced,
+                                 predictions_path=run_dir / "predictions_valid.jsonl" if final else None)
             last_metrics = {"step": done, "loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc,
                             "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9)}
             _log(rank, f"step {done}/{cfg.max_steps} loss {last_metrics['loss']:.4f} "
@@ -639,8 +641,11 @@ def train_loop(config: dict, session=None) -> dict | None:
 
     test_acc = evaluate(module.student, tokenizer, data, "test", cfg, device, rank, world, synced,
                         predictions_path=run_dir / "predictions_test.jsonl")
-    valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced,
-                         predictions_path=run_dir / "predictions_valid.jsonl")
+    if last_metrics.get("step") == cfg.max_steps:  # evaluated on valid at the last step already
+        valid_acc = last_metrics["valid_accuracy"]
+    else:  # resumed from a checkpoint at the last step: nothing ran in this process
+        valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced,
+                             predictions_path=run_dir / "predictions_valid.jsonl")
     with backend.gathered():
         if rank == 0:
             module.student.save_pretrained(run_dir / "model")

@@ -256,9 +256,9 @@ def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path, students, data_
     """SIGKILL the trial's Ray Train worker after its first checkpoint: the job fails, Tune retries the
     trial (max_retries 1), the retry resumes from the checkpoint, the sweep succeeds."""
     path = _local_sweep(tmp_path, students, data_dir, "retry-test", fractions=[0.25], methods=["dsbs-gold"],
-                        students=[{"id": str(students["t5-tiny-m"]), "workers": 1, "cpus_per_worker": 0.5,
+                        students=[{"id": str(students["t5-tiny-s"]), "workers": 1, "cpus_per_worker": 0.5,
                                    "zero": "off"}],
-                        max_steps=60, eval_every=10, max_retries=1)
+                        max_steps=40, eval_every=10, max_retries=1)
     sweep = subprocess.Popen([PY, "-m", "dsbs_ray", "sweep", str(path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     killed, deadline = None, time.time() + 300
@@ -278,6 +278,6 @@ def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path, students, data_
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["finished"] == 1 and summary["failed"] == 0
     result = json.loads(next((tmp_path / "sweeps").glob("retry-test/*/result.json")).read_text())
-    assert result["steps"] == 60 and result["resumed_from_step"] >= 10
+    assert result["steps"] == 40 and result["resumed_from_step"] >= 10
     runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "retry-test")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
