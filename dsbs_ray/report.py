@@ -34,6 +34,7 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
         rows.append({"task": p["task"], "student": p.get("student_name", p["student"]),
                      "parameters": int(float(p.get("parameters", m.get("parameters", 0)))), "method": p["method"],
                      "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
+                     "eval_limit": int(p["eval_limit"]) if p.get("eval_limit") else None,
                      "data_dir": p.get("data_dir"), "run_name": p.get("run_name", r.info.run_name),
                      "end_time": r.info.end_time or 0})
     if not rows:
@@ -44,10 +45,12 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
 
 def teacher_accuracy(task: str, data_dir: str | None) -> tuple[float | None, str | None]:
     """The teacher's accuracy on the test split (valid where the released data has no test outputs)."""
+    from dsbs_ray.tasks import load_teacher_outputs
     from dsbs_ray.teacher import teacher_report
 
     for split in ("test", "valid"):
         try:
+            load_teacher_outputs(task, split, data_dir)  # cheap: no outputs, no need to load the split
             return teacher_report(task, split, data_dir)["accuracy"], split
         except UserError:
             continue
@@ -160,9 +163,11 @@ def _pct(x) -> str:
 
 
 def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict, splits: dict,
-             n_runs: int) -> str:
+             n_runs: int, eval_limit: int | None = None) -> str:
+    scope = f"the first {eval_limit} rows of the test split" if eval_limit else "the test split"
     lines = [f"# Sweep report: {experiment}", "",
-             f"{n_runs} finished trial runs; accuracy in % on the test split (mean over seeds).", "",
+             f"{n_runs} finished trial runs; student accuracy in % on {scope} (mean over seeds); "
+             "the teacher's on its whole annotated split.", "",
              "## Frontier: the smallest student and data fraction that beat the teacher", "",
              "| task | method | teacher | smallest student | parameters | data | accuracy | best seen |",
              "|---|---|---|---|---|---|---|---|"]
@@ -202,7 +207,9 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     front = frontier(summary, teacher)
     plot_fraction(summary, teacher, splits, out / "accuracy_vs_fraction.png")
     plot_size(summary, teacher, splits, out / "accuracy_vs_size.png")
-    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, splits, len(df)))
+    limits = df.eval_limit.dropna()
+    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, splits, len(df),
+                                            int(limits.max()) if len(limits) else None))
     summary.to_csv(out / "results.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)
     files = [out / n for n in ("report.md", "accuracy_vs_fraction.png", "accuracy_vs_size.png", "results.csv",

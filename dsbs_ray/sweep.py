@@ -123,7 +123,7 @@ def trial_params(job: TrainConfig) -> dict:
             "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
             "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
             "max_target_length": job.max_target_length, "workers": job.workers, "zero": job.zero,
-            "data_dir": job.data_dir, "run_name": job.name()}
+            "eval_limit": job.eval_limit, "data_dir": job.data_dir, "run_name": job.name()}
 
 
 FINAL_METRICS = ("accuracy", "valid_accuracy", "examples_per_s", "wall_seconds", "train_seconds", "loop_seconds",

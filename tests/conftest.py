@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 
+# This machine has no HF hub: fail hub lookups at once instead of after minutes of retries.
+# (Read by huggingface_hub/datasets at import, so set before any test imports them.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
