@@ -47,13 +47,16 @@ def main():
         t0 = time.time()
         summary = run_sweep(cfg)
         wall = time.time() - t0
+        import ray
+
+        ray.shutdown()  # flush forwarded worker logs before the summary lines
     rows = summary["results"]
     assert summary["failed"] == 0 and summary["finished"] == len(rows), json.dumps(summary)[:2000]
     slots = cfg.max_concurrent_trials
     job = sum(r["wall_seconds"] for r in rows)
     loop = sum(r["loop_seconds"] for r in rows)
     steps = sum(r["train_seconds"] for r in rows)
-    print(f"{len(rows)} trials, {slots} at a time, sweep wall {wall:.1f} s")
+    print(f"{len(rows)} trials, {slots} at a time, data {cfg.data_dir}, sweep wall {wall:.1f} s")
     for r in rows:
         print(f"  {r['trial']}: job {r['wall_seconds']:.1f} s, loop {r['loop_seconds']:.1f} s, "
               f"optimizer steps {r['train_seconds']:.1f} s")
