@@ -49,7 +49,8 @@ class StudentSpec(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="names the run dirs, the MLflow experiment (by default) and the parent run")
     tasks: list[str]
     students: list[StudentSpec]
     fractions: list[float]

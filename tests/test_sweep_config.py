@@ -36,6 +36,7 @@ def test_local_grid_is_8_cpu_trials():
     ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [kd]\n", "methods.0"),
     ("name: x\ntasks: [gsm8k]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [finetune]\n", "unknown task"),
     ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.5]\nmethods: [finetune]\n", "fraction"),
+    ("name: \"it's mine\"\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [finetune]\n", "name"),
     ("[oops", "not valid YAML"),
 ])
 def test_bad_sweep_configs_are_one_line_errors(tmp_path, text, needle):
