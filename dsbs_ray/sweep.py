@@ -44,6 +44,18 @@ class StudentSpec(BaseModel):
     zero: Literal["off", "0", "1", "2", "3"] = "2"
     micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per forward; "
                                          "gradient accumulation makes up the global batch")
+    grad_accum: int | None = Field(None, ge=1, description="micro-batches per optimizer step; with workers and "
+                                   "the global batch it sets micro_batch_size (both given: they must agree)")
+
+    def micro(self, batch_size: int) -> int | None:
+        """Rows per worker per forward, from micro_batch_size or grad_accum (None: one micro-batch)."""
+        if self.grad_accum is None:
+            return self.micro_batch_size
+        micro, rest = divmod(batch_size, self.workers * self.grad_accum)
+        if rest or not micro or (self.micro_batch_size not in (None, micro)):
+            raise UserError(f"students: {self.id}: batch_size {batch_size} is not micro_batch_size "
+                            f"{self.micro_batch_size or '?'} x workers {self.workers} x grad_accum {self.grad_accum}")
+        return micro
 
 
 class SweepConfig(BaseModel):
@@ -97,7 +109,7 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
                         jobs.append(load_config(
                             task=task, student=student.id, method=train_method, label_source=label_source,
                             fraction=fraction, seed=seed, alpha=cfg.alpha, max_steps=cfg.max_steps,
-                            batch_size=cfg.batch_size, micro_batch_size=student.micro_batch_size, lr=cfg.lr,
+                            batch_size=cfg.batch_size, micro_batch_size=student.micro(cfg.batch_size), lr=cfg.lr,
                             max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
                             gen_max_length=cfg.gen_max_length, eval_every=cfg.eval_every,
                             eval_limit=cfg.eval_limit, workers=student.workers,

@@ -46,6 +46,18 @@ def test_bad_sweep_configs_are_one_line_errors(tmp_path, text, needle):
         expand(load_sweep(path))
 
 
+def test_grad_accum_sets_the_micro_batch(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\ntasks: [svamp]\nstudents: [{id: a, workers: 2, grad_accum: 4}]\nfractions: [1.0]\n"
+                    "methods: [finetune]\nbatch_size: 64\n")
+    (job,) = expand(load_sweep(path))
+    assert (job.micro, job.grad_accum, job.workers) == (8, 4, 2)
+    path.write_text("name: x\ntasks: [svamp]\nstudents: [{id: a, workers: 2, grad_accum: 4, micro_batch_size: 16}]\n"
+                    "fractions: [1.0]\nmethods: [finetune]\nbatch_size: 64\n")
+    with pytest.raises(UserError, match="batch_size 64 is not micro_batch_size 16 x workers 2 x grad_accum 4"):
+        expand(load_sweep(path))
+
+
 def test_empty_grid(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: []\nmethods: [finetune]\n")
