@@ -109,9 +109,17 @@ def _method_lines(ax, cells: pd.DataFrame, x: str, scale: float = 1.0):
                     marker=marker, capsize=3)
 
 
-def _teacher_line(ax, value, split):
-    if value is not None:
-        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"teacher ({split})")
+def _teacher_line(ax, task: str, teacher: dict, splits: dict):
+    if teacher.get(task) is not None:
+        ax.axhline(teacher[task] * 100, color="black", linestyle="--", linewidth=1, label=f"teacher ({splits[task]})")
+
+
+def _save(fig, axes, path: Path):
+    """Legend in the top-right panel, then the PNG; the figure is closed (no pyplot state left behind)."""
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
 
 
 def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
@@ -125,16 +133,13 @@ def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path
         for j, (student, n) in enumerate(students):
             ax = axes[i][j]
             _method_lines(ax, summary[(summary.task == task) & (summary.student == student)], "fraction", 100)
-            _teacher_line(ax, None if teacher.get(task) is None else teacher[task] * 100, splits.get(task))
+            _teacher_line(ax, task, teacher, splits)
             ax.set_title(f"{task} · {student} ({n / 1e6:.2f}M)", fontsize=9)
             ax.set_xlabel("training data (%)")
             if j == 0:
                 ax.set_ylabel("test accuracy (%)")
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def plot_size(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
@@ -146,16 +151,13 @@ def plot_size(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) ->
         cells = summary[summary.task == task]
         full = cells.fraction.max()
         _method_lines(ax, cells[cells.fraction == full], "parameters")
-        _teacher_line(ax, None if teacher.get(task) is None else teacher[task] * 100, splits.get(task))
+        _teacher_line(ax, task, teacher, splits)
         ax.set_xscale("log")
         ax.set_title(f"{task} · {full * 100:g}% of the training data", fontsize=9)
         ax.set_xlabel("student parameters")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def _pct(x) -> str:

@@ -155,16 +155,14 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     c = tracking.client(tracking_uri)
     tags = {"dsbs.role": "trial", "dsbs.sweep": sweep_name, "dsbs.trial": job.name(),
             "mlflow.parentRunId": parent_run_id}
-    if done.exists():
-        result = json.loads(done.read_text())
+    result = json.loads(done.read_text()) if done.exists() else None
+    if result is not None:
         run = tracking.find_run(c, experiment_id, tags)
         if run is not None and run.info.status == "FINISHED":
             return {**result, "skipped": True}
     run_id = tracking.find_or_start_run(c, experiment_id, job.name(), tags)
     tracking.log_params(c, run_id, trial_params(job))
-    if done.exists():  # finished before, but its MLflow run was not: log it now, no training
-        result = json.loads(done.read_text())
-    else:
+    if result is None:  # (else: finished before, but its MLflow run was not: log it now, no training)
         try:
             result = train(job.model_copy(update={"tracking_uri": tracking_uri, "mlflow_run_id": run_id}))
         except BaseException:

@@ -31,10 +31,8 @@ def tracking_uri(uri: str | None = None) -> str:
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, in one line, when the store cannot be used (MLflow itself retries for minutes)."""
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-                if r.status != 200:
-                    raise UserError(f"tracking_uri: {uri} answered HTTP {r.status} on /health")
+        try:  # urlopen raises on any non-2xx answer (HTTPError is a URLError)
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise UserError(f"tracking_uri: cannot reach the MLflow server at {uri} ({reason})") from None
@@ -49,7 +47,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def client(uri: str):
     from mlflow import MlflowClient
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite schema migrations are noisy
+    for noisy in ("alembic", "mlflow.store.db.utils"):  # SQLite schema creation/migration chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -46,3 +46,16 @@ def test_frontier_without_a_teacher_accuracy():
 def test_teacher_accuracy_uses_test_then_valid(data_dir):
     assert teacher_accuracy("svamp", str(data_dir)) == (0.74, "test")
     assert teacher_accuracy("anli1", str(data_dir)) == (0.668, "valid")  # the released data has no test outputs
+
+
+def test_report_on_a_missing_experiment_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("dsbs")
+    r = subprocess.run([str(exe), "report", "--experiment", "nope", "--tracking-uri",
+                        f"sqlite:///{tmp_path / 'mlflow.db'}", "--out-dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: experiment: no MLflow experiment 'nope' in sqlite:///{tmp_path / 'mlflow.db'}"
+    assert not (tmp_path / "out").exists()
