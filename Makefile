@@ -8,8 +8,9 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 CONFIG ?= sweeps/local.yaml
 MLFLOW_PORT ?= 5000
 MLFLOW_STORE ?= sqlite:///mlflow.db
+IMAGE ?= ghcr.io/dsbs-ray/dsbs-ray:gpu
 
-.PHONY: install demo test teacher sweep mlflow-ui bench clean
+.PHONY: install demo test teacher sweep mlflow-ui bench image clean
 
 install: $(STAMP)
 
@@ -58,6 +59,10 @@ mlflow-ui: install
 
 bench: install
 	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+
+# The cluster image the manifests in cluster/ name (needs a Docker engine): cluster/Dockerfile
+image:
+	docker build -f cluster/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

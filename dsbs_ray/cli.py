@@ -117,14 +117,17 @@ def train_cmd(
     max_input_length: int = typer.Option(1024, help="Input tokens kept."),
     max_target_length: int = typer.Option(256, help="Label/rationale tokens kept."),
     gen_max_length: int = typer.Option(64, help="Tokens generated per prediction."),
-    eval_every: int = typer.Option(250, help="Evaluate on valid and checkpoint every K steps."),
+    eval_every: int = typer.Option(250, help="Evaluate on valid and test every K steps."),
+    checkpoint_every: int = typer.Option(1000, help="Checkpoint weights and optimizer every K steps (and at the end)."),
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N rows of valid/test only."),
     explain: bool = typer.Option(False, "--explain", help="Also generate rationales into the predictions file."),
     workers: int = typer.Option(1, help="Ray Train workers (data parallel)."),
     cpus_per_worker: float = typer.Option(1.0, help="CPUs per worker (fractions allowed)."),
-    gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray Train worker (--no-ray uses this process's GPU "
+                                          "when it has one)."),
     zero: str = typer.Option("2", help="DeepSpeed ZeRO stage 0-3, or off (plain torch / DDP)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."),
+    precision: str = typer.Option("auto", help="Compute precision: auto (bf16 on a GPU worker, fp32 on CPU) | fp32 | "
+                                  "bf16. Master weights, gradients and optimizer state are fp32 in every mode."),
     data_dir: Optional[Path] = DataDir,
     output_dir: Path = typer.Option(Path("runs"), help="Where runs, checkpoints and predictions go."),
     max_failures: int = typer.Option(0, help="Worker failures Ray Train recovers from (from the last checkpoint)."),
@@ -139,7 +142,7 @@ def train_cmd(
         task=task, student=student, method=method, label_source=label_source, fraction=fraction, seed=seed,
         alpha=alpha, max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
         warmup_steps=warmup_steps, max_input_length=max_input_length, max_target_length=max_target_length,
-        gen_max_length=gen_max_length, eval_every=eval_every, eval_limit=eval_limit, explain=explain,
+        gen_max_length=gen_max_length, eval_every=eval_every, checkpoint_every=checkpoint_every, eval_limit=eval_limit, explain=explain,
         workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, zero=zero,
         precision=precision, data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir),
         max_failures=max_failures,
@@ -201,13 +204,15 @@ def _print_trials(results: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="trials")
-    for col in ("trial", "status", "accuracy", "ex/s", "wall s"):
+    for col in ("trial", "status", "accuracy", "ex/s", "wall s", "how"):
         table.add_column(col)
     for r in results:
         acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else r.get("error", "")
         eps = f"{r['examples_per_s']:.1f}" if r.get("examples_per_s") else ""
         wall = f"{r['wall_seconds']:.0f}" if r.get("wall_seconds") else ""
-        table.add_row(r["trial"], r["status"], acc, eps, wall)
+        how = ("" if r["status"] != "finished" else r["restarted_afresh"] if r.get("restarted_afresh")
+               else f"resumed from step {r['resumed_from_step']}" if r.get("resumed_from_step") else "from step 0")
+        table.add_row(r["trial"], r["status"], acc, eps, wall, how)
     Console(stderr=True, width=160).print(table)
 
 

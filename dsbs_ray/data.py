@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +119,13 @@ def tokenize_split(
     }
     if explain_inputs:
         out["expl_input_ids"] = ids((EXPLAIN_PREFIX + r["input"] for r in rows), max_input_length)
-    if rationale:
-        out["rationale_ids"] = ids((r["rationale"] for r in rows), max_target_length)
+    if rationale:  # a row with no usable rationale gets no rationale target (no explain loss)
+        texts = [r["rationale"] for r in rows]
+        out["rationale_ids"] = [t if text.strip() else [] for t, text in zip(ids(texts, max_target_length), texts)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    # a unique temp name: PIDs repeat across the nodes that share a cache on shared storage
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     torch.save(out, tmp)
     os.replace(tmp, path)
     return out
@@ -160,8 +164,9 @@ def shard_batch(batch: list[int], keys: list[tuple], world: int, rank: int, accu
 
 
 def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(padded ids, attention mask) for a list of token-id lists, padded to the longest."""
-    width = max(len(s) for s in seqs)
+    """(padded ids, attention mask) for a list of token-id lists, padded to the longest (at least 1
+    wide: a batch of rows without rationale targets still has a shape, all padding)."""
+    width = max(1, max(len(s) for s in seqs))
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):

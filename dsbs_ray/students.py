@@ -60,15 +60,38 @@ def check_student(student: str) -> None:
                         f"({str(e).splitlines()[0]})") from None
 
 
+def fetch_student(student: str) -> str:
+    """A local directory holding the student. A hub id is downloaded once per node: the first process
+    to take the node's lock (in the HF cache) downloads, the others wait, then read the cache."""
+    if Path(student).exists():
+        return student
+    import hashlib
+
+    from filelock import FileLock
+    from huggingface_hub import constants, snapshot_download
+
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / f"dsbs-{hashlib.sha256(student.encode()).hexdigest()[:16]}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        try:
+            return snapshot_download(student, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached (or partly): download what a student needs
+            return snapshot_download(student, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
+                                                              "*.txt", "*.tiktoken"])
+
+
 def load_student(student: str, device_type: str = "cpu"):
-    """(model, tokenizer) from a local path or hub id.
+    """(model, tokenizer) from a local path or hub id. Weights in fp32 whatever the checkpoint's dtype:
+    they are the master weights AdamW updates (bf16 is compute only, under autocast).
 
     On CPU, T5 gets eager attention: its relative position bias keeps the fused SDPA kernels from
     helping, and eager measured ~3 % faster per training step here."""
+    import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     kwargs = {"attn_implementation": "eager"} if device_type == "cpu" else {}
-    return AutoModelForSeq2SeqLM.from_pretrained(student, **kwargs), AutoTokenizer.from_pretrained(student)
+    model = AutoModelForSeq2SeqLM.from_pretrained(student, dtype=torch.float32, **kwargs)
+    return model, AutoTokenizer.from_pretrained(student)
 
 
 def load_tokenizer(student: str):

@@ -42,6 +42,8 @@ class StudentSpec(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     zero: Literal["off", "0", "1", "2", "3"] = "2"
+    precision: Literal["auto", "fp32", "bf16"] | None = Field(None, description="this student's compute precision "
+                                                             "(default: the sweep's)")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per forward; "
                                          "gradient accumulation makes up the global batch")
     grad_accum: int | None = Field(None, ge=1, description="micro-batches per optimizer step; with workers and "
@@ -76,6 +78,8 @@ class SweepConfig(BaseModel):
     max_target_length: int = 256
     gen_max_length: int = 64
     eval_every: int = Field(250, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on GPU workers, fp32 on CPU ones
     eval_limit: int | None = None
     data_dir: str | None = None  # the tasks and the teacher annotations (paper layout); our own annotation dir works too
     output_dir: str = "work/sweeps"
@@ -112,6 +116,7 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
                             batch_size=cfg.batch_size, micro_batch_size=student.micro(cfg.batch_size), lr=cfg.lr,
                             max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
                             gen_max_length=cfg.gen_max_length, eval_every=cfg.eval_every,
+                            checkpoint_every=cfg.checkpoint_every, precision=student.precision or cfg.precision,
                             eval_limit=cfg.eval_limit, workers=student.workers,
                             cpus_per_worker=student.cpus_per_worker, gpus_per_worker=student.gpus_per_worker,
                             zero=student.zero, data_dir=cfg.data_dir,
@@ -130,17 +135,26 @@ def sweep_method(job: TrainConfig) -> str:
 
 
 def trial_params(job: TrainConfig) -> dict:
-    """The MLflow params of a trial: what the report groups by, and what changes the result."""
+    """The MLflow params of a trial: what the report groups by, and what changes the result. Every
+    one is covered by the run name's hash, so a rerun never tries to change a logged param."""
     return {"task": job.task, "student": job.student, "student_name": Path(job.student.rstrip("/")).name,
             "method": sweep_method(job), "training_method": job.method, "label_source": job.label_source,
             "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
             "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
-            "max_target_length": job.max_target_length, "workers": job.workers, "zero": job.zero,
+            "max_target_length": job.max_target_length, "precision": job.precision,
             "eval_limit": job.eval_limit, "data_dir": job.data_dir, "run_name": job.name()}
 
 
+def trial_layout_tags(job: TrainConfig) -> dict:
+    """How the trial ran (workers, ZeRO stage, micro-batch): tags, not params, because a rerun may
+    change them without changing the result (MLflow params are write-once)."""
+    return {"dsbs.workers": str(job.workers), "dsbs.zero": job.zero, "dsbs.micro_batch_size": str(job.micro),
+            "dsbs.gpus_per_worker": f"{job.gpus_per_worker:g}", "dsbs.cpus_per_worker": f"{job.cpus_per_worker:g}"}
+
+
 FINAL_METRICS = ("accuracy", "valid_accuracy", "examples_per_s", "wall_seconds", "train_seconds", "loop_seconds",
-                 "first_loss", "final_loss", "train_rows", "dropped_unparsed", "resumed_from_step")
+                 "first_loss", "final_loss", "train_rows", "dropped_unparsed", "rows_without_rationale",
+                 "resumed_from_step")
 
 
 def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str) -> dict:
@@ -162,6 +176,7 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
             return {**result, "skipped": True}
     run_id = tracking.find_or_start_run(c, experiment_id, job.name(), tags)
     tracking.log_params(c, run_id, trial_params(job))
+    tracking.set_tags(c, run_id, trial_layout_tags(job))
     if result is None:  # (else: finished before, but its MLflow run was not: log it now, no training)
         try:
             result = train(job.model_copy(update={"tracking_uri": tracking_uri, "mlflow_run_id": run_id}))
@@ -169,6 +184,9 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
             c.set_terminated(run_id, "FAILED")
             raise
     tracking.log_params(c, run_id, {"parameters": result["parameters"]})
+    tracking.set_tags(c, run_id, {"dsbs.device": result.get("device"), "dsbs.node_id": result.get("node_id"),
+                                  "dsbs.compute_precision": result.get("precision"),
+                                  "dsbs.restarted_afresh": result.get("restarted_afresh")})
     tracking.log_metrics(c, run_id, {k: result.get(k) for k in FINAL_METRICS} | {"parameters": result["parameters"]},
                          step=job.max_steps)
     (run_dir / "config.json").write_text(json.dumps(job.model_dump(), indent=2))
@@ -217,26 +235,65 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
     return longest_first(jobs), uri
 
 
+def hold_sweep_dir(sweep_dir: Path):
+    """An exclusive lock on a sweep dir for as long as a sweep runs in it; a second sweep there is
+    refused in one line naming the holder. An flock: the kernel drops it when the holder dies, so a
+    killed sweep never leaves a stale lock behind."""
+    import contextlib
+    import fcntl
+    import socket
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    f = open(sweep_dir / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise UserError(f"output_dir: {sweep_dir} is in use by another sweep ({holder}); wait for it to end "
+                        f"or use another --output-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)}\n")
+    f.flush()
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            f.close()
+    return held()
+
+
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run the grid with Ray Tune (each trial a Ray Train job), then the report. Returns a summary."""
-    from dsbs_ray import tracking
-    from dsbs_ray.report import build_report
-    from dsbs_ray.train import init_ray
-
     t0 = time.time()
     jobs, uri = check_sweep(cfg)
     experiment = cfg.experiment or cfg.name
     sweep_dir = Path(cfg.output_dir).resolve() / cfg.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with hold_sweep_dir(sweep_dir):  # one sweep at a time per sweep dir: run dirs, Tune state, report
+        return _run_locked(cfg, jobs, uri, experiment, sweep_dir, t0)
+
+
+def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment: str, sweep_dir: Path,
+                t0: float) -> dict:
+    from dsbs_ray import tracking
+    from dsbs_ray.report import build_report
+    from dsbs_ray.train import init_ray
+
     (sweep_dir / "sweep.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
     c = tracking.client(uri)
     exp_id = tracking.experiment_id(c, experiment)
     parent = tracking.find_or_start_run(c, exp_id, cfg.name, {"dsbs.role": "sweep", "dsbs.sweep": cfg.name})
-    tracking.log_params(c, parent, {"tasks": ",".join(cfg.tasks), "students": ",".join(s.id for s in cfg.students),
-                                    "fractions": ",".join(f"{f:g}" for f in cfg.fractions),
-                                    "methods": ",".join(cfg.methods), "seeds": ",".join(map(str, cfg.seeds)),
-                                    "alpha": cfg.alpha, "steps": cfg.max_steps, "trials": len(jobs)})
+    # the grid as tags, not params: a grown sweep keeps its parent run, and MLflow params are write-once
+    tracking.set_tags(c, parent, {"dsbs.tasks": ",".join(cfg.tasks), "dsbs.students": ",".join(s.id for s in cfg.students),
+                                  "dsbs.fractions": ",".join(f"{f:g}" for f in cfg.fractions),
+                                  "dsbs.methods": ",".join(cfg.methods), "dsbs.seeds": ",".join(map(str, cfg.seeds)),
+                                  "dsbs.trials": str(len(jobs))})
     c.log_artifact(parent, str(sweep_dir / "sweep.json"))
 
     finished = {j.name() for j in jobs if (Path(j.output_dir) / j.name() / RESULT_FILE).exists()}

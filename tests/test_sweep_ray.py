@@ -237,7 +237,7 @@ def test_ray_job_submit_runs_a_sweep_with_a_retry_logged_to_an_mlflow_server(ray
     path = _local_sweep(tmp_path, students, data_dir, "job-test", fractions=[0.25], methods=["dsbs-gold"],
                         students=[{"id": str(students["t5-tiny-s"]), "workers": 2, "cpus_per_worker": 0.5,
                                    "zero": "2"}],
-                        max_steps=20, eval_every=5, max_retries=1, tracking_uri=mlflow_server)
+                        max_steps=20, eval_every=5, checkpoint_every=5, max_retries=1, tracking_uri=mlflow_server)
     runtime_env = {"env_vars": {"DSBS_CACHE": os.environ["DSBS_CACHE"]}}
     submit = subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir",
                                str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", PY, "-m", "dsbs_ray",

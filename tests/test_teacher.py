@@ -55,6 +55,11 @@ def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_pat
     runs = mlflow.search_runs(experiment_names=["dsbs-teacher"])
     assert len(runs) == 2 and set(runs["metrics.rows"]) == {2.0, 6.0}
 
+    # a rerun with a smaller --limit reuses what is there: nothing generated, the 6-row layout kept
+    smaller = annotate(_cfg(tmp_path, data_dir, limit=3))
+    assert smaller["complete"] and smaller["rows"] == 3 and smaller["generated_now"] == 0
+    assert smaller["rows_in_layout"] == 6 and len(load_teacher_outputs("svamp", "test", out)) == 6
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -85,6 +90,31 @@ def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # stop what we started, by its PID
         server.wait(timeout=60)
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_out_dir_that_would_overwrite_input_is_refused(tmp_path, data_dir):
+    """--out-dir equal to --data-dir, or holding split / teacher-output files dsbs teacher did not write:
+    one line, exit 2, before any engine starts, and every input file untouched."""
+    data = tmp_path / "D"
+    shutil.copytree(data_dir / "svamp", data / "svamp")
+    before = _tree(data)
+    dsbs = [sys.executable, "-m", "dsbs_ray", "teacher", "--tasks", "svamp", "--splits", "train", "--limit", "4",
+            "--data-dir", str(data), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    same = subprocess.run(dsbs + ["--out-dir", str(data)], capture_output=True, text=True, timeout=120)
+    assert same.returncode == 2 and same.stderr.strip().count("\n") == 0, same.stderr[-2000:]
+    assert "out_dir" in same.stderr and "data dir" in same.stderr
+    # another dir that holds someone's teacher outputs for the split
+    other = tmp_path / "other" / "svamp" / "llm"
+    other.mkdir(parents=True)
+    (other / "train_CoT_0.json").write_text(json.dumps(["mine"]))
+    theirs = subprocess.run(dsbs + ["--out-dir", str(tmp_path / "other")], capture_output=True, text=True, timeout=120)
+    assert theirs.returncode == 2 and "train_CoT_0.json" in theirs.stderr and "not written by dsbs teacher" in theirs.stderr
+    assert (other / "train_CoT_0.json").read_text() == json.dumps(["mine"])
+    assert _tree(data) == before
 
 
 def test_bad_input_fails_before_generation(tmp_path, data_dir):

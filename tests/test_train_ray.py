@@ -34,6 +34,9 @@ def test_two_workers_ddp_zero2_zero3_match_one_worker(students, data_dir, tmp_pa
     moved = max((ref[k] - init[k]).abs().max().item() for k in ref)
     assert moved > 1e-3  # the step really changed the weights
     assert zero3["parameters"] == one["parameters"]  # counted in full, not the rank's ZeRO-3 shard
+    # ZeRO-3 builds the student partitioned: no rank ever held more than about half of it
+    assert zero3["max_rank_loaded_parameters"] <= one["parameters"] // 2 + 1000
+    assert zero2["max_rank_loaded_parameters"] == one["parameters"]
     for other in (ddp, zero2, zero3):
         got = _params(other["run_dir"])
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
@@ -58,7 +61,7 @@ def test_killed_job_resumes_from_its_last_checkpoint(students, data_dir, tmp_pat
     out = tmp_path / "runs"
     cmd = [str(Path(sys.executable).with_name("dsbs")), "train", "--task", "svamp",
            "--student", str(students["t5-tiny-s"]), "--fraction", "0.2", "--max-steps", "40", "--batch-size", "8",
-           "--lr", "3e-3", "--eval-every", "5", "--eval-limit", "4", "--gen-max-length", "4",
+           "--lr", "3e-3", "--eval-every", "5", "--checkpoint-every", "5", "--eval-limit", "4", "--gen-max-length", "4",
            "--max-input-length", "128", "--max-target-length", "48", "--workers", "2", "--cpus-per-worker", "0.5",
            "--zero", "2", "--data-dir", str(data_dir), "--output-dir", str(out)]
     env = dict(os.environ)

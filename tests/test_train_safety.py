@@ -1,0 +1,156 @@
+"""Regression tests of the training core without Ray: every device/dtype decision is the training
+process's own, checkpoints are atomic and record their layout, the token cache's temp files never
+collide, and dsbs-gold trains on the same rows as finetune."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsbs_ray import train as train_mod
+from dsbs_ray.data import tokenize_split
+from dsbs_ray.students import load_student
+from dsbs_ray.train import LocalSession, load_config, select_rows, train
+
+COMMON = dict(task="svamp", method="dsbs", fraction=0.1, batch_size=8, lr=1e-2, eval_limit=4, gen_max_length=4,
+              max_input_length=128, max_target_length=48)
+
+
+def _job(students, data_dir, tmp_path, **kw):
+    return load_config(**(COMMON | dict(student=str(students["t5-tiny-s"]), data_dir=str(data_dir),
+                                        output_dir=str(tmp_path / "runs")) | kw))
+
+
+def test_no_ray_deepspeed_needs_no_launcher_and_evaluates_test_at_every_evaluation(students, data_dir, tmp_path):
+    """`dsbs train --no-ray` with the default ZeRO-2: no mpi4py, no launcher env; valid and test at every
+    evaluation; checkpoints only every checkpoint_every steps (and at the end)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    job = _job(students, data_dir, tmp_path, zero="2", max_steps=6, eval_every=2, checkpoint_every=4)
+    session = LocalSession(Path(job.output_dir).resolve() / job.name())
+    metrics = train_mod.train_loop(train_mod.resolve_paths(job).model_dump(), session)
+    assert metrics["steps"] == 6 and metrics["device"] == "cpu" and metrics["deepspeed_accelerator"] == "cpu"
+    assert [h["step"] for h in session.history] == [2, 4, 6]
+    assert all({"valid_accuracy", "test_accuracy", "loss"} <= set(h) for h in session.history)
+    assert sorted(p.name for p in (session.run_dir / "checkpoints").iterdir()) == ["step_4", "step_6"]
+
+
+def test_no_ray_takes_this_process_gpu_whatever_gpus_per_worker_says(monkeypatch):
+    """--no-ray trains on this process's GPU when it has one (gpus_per_worker is a Ray resource)."""
+    session = LocalSession(Path("unused"))
+    assert session.device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert session.device() == torch.device("cuda", 0)
+
+
+def test_deepspeed_accelerator_follows_the_workers_device_not_an_inherited_env(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # e.g. inherited from a driver on a GPU box
+    assert train_mod.pin_deepspeed_accelerator(torch.device("cpu")) == "cpu"
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_a_kill_mid_copy_never_leaves_a_checkpoint_that_a_later_run_loads(tmp_path, monkeypatch):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "state.pt").write_bytes(b"x" * 1000)
+    (src / "trainer_state.json").write_text("{}")
+    session = LocalSession(tmp_path / "run")
+    session.report({"step": 2}, src)
+
+    real_copytree = shutil.copytree
+
+    def dies_after_one_file(s, d, *a, **k):
+        if Path(s).name == "trainer_state.json":
+            raise KeyboardInterrupt("killed mid-copy")
+        return shutil.copy2(s, d)
+    monkeypatch.setattr(shutil, "copytree", lambda src, dst, **k: real_copytree(src, dst, copy_function=dies_after_one_file))
+    with pytest.raises(KeyboardInterrupt):
+        session.report({"step": 4}, src)
+    monkeypatch.undo()
+    loaded = []
+    assert LocalSession(tmp_path / "run").restore(lambda d: loaded.append(d) or True)
+    assert [d.name for d in loaded] == ["step_2"] and (loaded[0] / "trainer_state.json").exists()
+    session.report({"step": 6}, src)  # the next save clears the leftover temp dir
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_2", "step_6"]
+
+
+def test_a_changed_layout_restarts_afresh_and_says_so_then_resumes(students, data_dir, tmp_path):
+    """Same job, ZeRO stage changed between runs: the run name stays (the result does not depend on it),
+    the plain-torch checkpoint is not fed to DeepSpeed: the run starts afresh and says so. Rerun with the
+    same layout: it resumes."""
+    base = dict(max_steps=4, eval_every=2, checkpoint_every=2)
+    first = train(_job(students, data_dir, tmp_path, zero="off", **base), use_ray=False)
+    assert first["restarted_afresh"] is None and first["resumed_from_step"] == 0
+    second = train(_job(students, data_dir, tmp_path, zero="2", **base), use_ray=False)
+    assert second["run_dir"] == first["run_dir"]
+    assert "starting afresh" in second["restarted_afresh"] and second["resumed_from_step"] == 0
+    third = train(_job(students, data_dir, tmp_path, zero="2", **base), use_ray=False)
+    assert third["restarted_afresh"] is None and third["resumed_from_step"] == 4
+
+
+def test_a_bf16_checkpoint_trains_fp32_master_weights(students, data_dir, tmp_path):
+    """Weights load in fp32 whatever the checkpoint's dtype: a bf16 checkpoint trains exactly like the
+    same weights stored in fp32."""
+    model, tokenizer = load_student(str(students["t5-tiny-s"]))
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model.to(torch.bfloat16).to(dtype).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    runs = {name: train(load_config(**(COMMON | dict(student=str(tmp_path / name), data_dir=str(data_dir),
+                                                     output_dir=str(tmp_path / f"runs-{name}"), zero="off",
+                                                     max_steps=2, eval_every=2, precision="fp32"))), use_ray=False)
+            for name in ("bf16", "fp32")}
+    assert runs["bf16"]["master_dtype"] == "float32"
+    a = load_file(Path(runs["bf16"]["run_dir"]) / "model" / "model.safetensors")
+    b = load_file(Path(runs["fp32"]["run_dir"]) / "model" / "model.safetensors")
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in b)
+
+
+def test_bf16_is_compute_only_under_deepspeed(students, data_dir, tmp_path):
+    """precision bf16 with ZeRO-2: autocast compute, fp32 master weights and gradients (not DeepSpeed's
+    bf16 mode, which trains bf16 weights and accumulates bf16 gradients)."""
+    cfg = _job(students, data_dir, tmp_path, zero="2", precision="bf16", max_steps=2, eval_every=2)
+    ds = train_mod.deepspeed_config(cfg, bf16=True)
+    assert "bf16" not in ds and ds["torch_autocast"]["enabled"] and ds["torch_autocast"]["lower_precision_safe_modules"] == []
+    bf16 = train(cfg, use_ray=False)
+    fp32 = train(cfg.model_copy(update={"precision": "fp32", "output_dir": str(tmp_path / "fp32")}), use_ray=False)
+    assert bf16["precision"] == "bf16" and bf16["master_dtype"] == "float32" and fp32["precision"] == "fp32"
+    weights = load_file(Path(bf16["run_dir"]) / "model" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert abs(bf16["final_loss"] - fp32["final_loss"]) < 0.05 * fp32["final_loss"]
+
+
+def test_token_cache_temp_files_never_collide_across_nodes(students, tmp_path, monkeypatch):
+    """Two nodes sharing DSBS_CACHE can run writers with the same PID: neither touches the other's temp file."""
+    monkeypatch.setenv("DSBS_CACHE", str(tmp_path / "cache"))
+    _, tokenizer = load_student(str(students["t5-tiny-s"]))
+    rows = [{"id": "1", "input": "a b c", "label": "(1 + 2)"}]
+    kw = dict(prefixes=False, explain_inputs=False, rationale=False, max_input_length=32, max_target_length=16)
+    tokenize_split(rows, tokenizer, **kw)
+    (path,) = (tmp_path / "cache" / "tokens").glob("*.pt")
+    path.unlink()
+    other = path.with_suffix(f".{os.getpid()}.tmp")  # another node's writer, same PID, mid-write
+    other.write_bytes(b"the other node's half-written file")
+    out = tokenize_split(rows, tokenizer, **kw)
+    assert other.read_bytes() == b"the other node's half-written file"
+    assert torch.load(path, weights_only=True) == out
+
+
+def test_dsbs_gold_trains_on_the_same_rows_as_finetune(data_dir):
+    """A row whose teacher label does not parse keeps its rationale under dsbs-gold (as in the paper's
+    code); only methods that train on the teacher's label drop it."""
+    common = dict(task="svamp", student="unused", fraction=1.0, data_dir=str(data_dir))
+    finetune = select_rows(load_config(**common, method="standard", label_source="gold"), "</s>")
+    gold = select_rows(load_config(**common, method="dsbs", label_source="gold"), "</s>")
+    teacher = select_rows(load_config(**common, method="dsbs", label_source="teacher"), "</s>")
+    assert [r["id"] for r in gold["train"]] == [r["id"] for r in finetune["train"]]
+    assert [r["label"] for r in gold["train"]] == [r["label"] for r in finetune["train"]]
+    assert gold["dropped_unparsed"] == 0 and teacher["dropped_unparsed"] > 0
+    assert len(teacher["train"]) == len(gold["train"]) - teacher["dropped_unparsed"]
+    kept = {r["id"] for r in gold["train"]} - {r["id"] for r in teacher["train"]}
+    by_id = {r["id"]: r for r in gold["train"]}
+    assert any(by_id[i]["rationale"].strip() for i in kept)  # bad-label rows keep a usable rationale
+    assert gold["rows_without_rationale"] == sum(not by_id[i]["rationale"].strip() for i in kept)
