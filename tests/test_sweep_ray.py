@@ -128,6 +128,45 @@ def test_report_command_writes_figures_and_frontier(resumed_sweep, tmp_path):
     assert "74.0 (test)" in frontier[0]
 
 
+def test_a_grown_sweep_with_changed_resources_trains_only_the_new_point_and_holds_its_dir(resumed_sweep, students,
+                                                                                        data_dir):
+    """Between two runs a user grows the grid (a new fraction) and changes a student's resources (ZeRO
+    stage, CPUs): only the new point trains, under the same parent run, with the new layout in its tags.
+    While it runs, a second sweep on the same dir is refused in one line naming the holder."""
+    from mlflow import MlflowClient
+
+    tmp, uri = resumed_sweep["tmp"], resumed_sweep["uri"]
+    before = _done_markers(tmp / "sweeps")
+    path = _local_sweep(tmp, students, data_dir, "local-test", fractions=[0.25, 0.5, 1.0], methods=["finetune"],
+                        students=[{"id": str(students["t5-tiny-s"]), "workers": 1, "cpus_per_worker": 1.0,
+                                   "zero": "2"}])
+    cmd = [PY, "-m", "dsbs_ray", "sweep", str(path)]
+    grown = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp / "sweeps" / "local-test" / ".lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and f"pid {grown.pid} " in lock.read_text()) and time.time() < deadline:
+        assert grown.poll() is None, grown.communicate()[1][-3000:]
+        time.sleep(0.2)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
+    assert "in use by another sweep" in second.stderr and f"pid {grown.pid} " in second.stderr
+    out, err = grown.communicate(timeout=600)
+    assert grown.returncode == 0, err[-4000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["trials"], summary["skipped"], summary["finished"], summary["failed"]) == (3, 2, 1, 0)
+    after = _done_markers(tmp / "sweeps")
+    assert all(after[t] == m for t, m in before.items())  # nothing finished was trained again
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("local-test").experiment_id
+    parents = c.search_runs([exp], filter_string="tags.`dsbs.role` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.run_id == resumed_sweep["summary"]["parent_run_id"]
+    assert parents[0].data.tags["dsbs.fractions"] == "0.25,0.5,1" and parents[0].data.tags["dsbs.trials"] == "3"
+    runs = _trial_runs(uri, "local-test")
+    assert len(runs) == 9 and len({r.data.tags["dsbs.trial"] for r in runs}) == 9
+    new = next(r for r in runs if r.data.params["fraction"] == "0.5")
+    assert new.data.tags["dsbs.zero"] == "2" and new.data.tags["dsbs.cpus_per_worker"] == "1"
+
+
 # ---------------------------------------------------------------------------------------------
 # A Ray head on 127.0.0.1 with token auth, an MLflow server on 127.0.0.1, `ray job submit`
 
