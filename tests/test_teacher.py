@@ -128,3 +128,22 @@ def test_bad_input_fails_before_generation(tmp_path, data_dir):
     (tmp_path / "empty" / "svamp" / "svamp_test.json").write_text("")
     with pytest.raises(UserError, match="has no rows"):
         check(_cfg(tmp_path, tmp_path / "empty"))
+
+
+def test_engine_placement_follows_the_cluster_not_the_drivers_torch(tmp_path, data_dir, monkeypatch):
+    """A driver that sees a GPU (here: told so) on a cluster with none still asks for CPU engines; a
+    cluster with GPUs gets GPU engines (vLLM picks the dtype there) whatever the driver sees."""
+    import torch
+
+    from dsbs_ray.teacher import cluster_gpus, engine_settings
+    from dsbs_ray.train import init_ray
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    init_ray()
+    cfg = _cfg(tmp_path, data_dir)
+    engine, extra = engine_settings(cfg, cluster_gpus())
+    assert cluster_gpus() == 0 and extra["placement_group_config"] == {"bundles": [{"CPU": 1}]}
+    assert engine["dtype"] == "float32" and engine["enforce_eager"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    engine, extra = engine_settings(cfg.model_copy(update={"tensor_parallel_size": 2}), 8.0)
+    assert "placement_group_config" not in extra and "dtype" not in engine and engine["tensor_parallel_size"] == 2
