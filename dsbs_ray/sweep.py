@@ -142,7 +142,8 @@ def trial_params(job: TrainConfig) -> dict:
             "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
             "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
             "max_target_length": job.max_target_length, "precision": job.precision,
-            "eval_limit": job.eval_limit, "data_dir": job.data_dir, "run_name": job.name()}
+            "eval_limit": job.eval_limit, "data_dir": job.data_dir, "data_fingerprint": job.data_fingerprint,
+            "run_name": job.name()}
 
 
 def trial_layout_tags(job: TrainConfig) -> dict:

@@ -77,6 +77,8 @@ class TrainConfig(BaseModel):
                                                       "a CPU, decided by each worker from its own device; master "
                                                       "weights, gradients and optimizer state are always fp32")
     data_dir: str | None = None
+    data_fingerprint: str | None = Field(None, description="hash of the data files the job reads (set by "
+                                         "resolve_paths): edited data is a new run, never a stale resume")
     output_dir: str = "runs"
     run_name: str | None = None
     max_failures: int = Field(0, ge=0)
@@ -833,15 +835,40 @@ def init_ray() -> None:
         ray.init(address="local", include_dashboard=True, object_store_memory=300 * 2**20, log_to_driver=True)
 
 
+def data_fingerprint(task_name: str, data_dir: str | None, uses_teacher: bool) -> str | None:
+    """A hash of the content of the local files a job reads: the task's split files and, for methods
+    that use the teacher, its train outputs. Re-annotating or editing the data between two runs gives
+    a new run name, so a finished or half-done run on the old data is never picked up. Splits that
+    come from the hub are not hashed (None when nothing is local)."""
+    if not data_dir:
+        return None
+    task = get_task(task_name)
+    digest, seen = hashlib.sha256(), 0
+    for part in (["svamp", "asdiv"] if task.name == "asdiv" else [task.name]):
+        folder = Path(data_dir) / part
+        files = [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+        if uses_teacher:
+            files += list((folder / "llm").glob("train_CoT_*.json"))
+        for path in sorted(files):
+            digest.update(f"{path.relative_to(data_dir)}\0".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            seen += 1
+    return digest.hexdigest()[:16] if seen else None
+
+
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute student, data and output paths: Ray workers run in another working directory."""
+    """Absolute student, data and output paths (Ray workers run in another working directory), and the
+    data's fingerprint."""
     from dsbs_ray.tasks import default_data_dir
 
     student = str(Path(cfg.student).resolve()) if Path(cfg.student).exists() else cfg.student
     data_dir = cfg.data_dir or default_data_dir()
+    data_dir = str(Path(data_dir).resolve()) if data_dir else None
     return cfg.model_copy(update={
-        "student": student, "output_dir": str(Path(cfg.output_dir).resolve()),
-        "data_dir": str(Path(data_dir).resolve()) if data_dir else None})
+        "student": student, "output_dir": str(Path(cfg.output_dir).resolve()), "data_dir": data_dir,
+        "data_fingerprint": data_fingerprint(cfg.task, data_dir, cfg.uses_teacher)})
 
 
 def train(cfg: TrainConfig, use_ray: bool = True) -> dict:

@@ -154,3 +154,24 @@ def test_dsbs_gold_trains_on_the_same_rows_as_finetune(data_dir):
     by_id = {r["id"]: r for r in gold["train"]}
     assert any(by_id[i]["rationale"].strip() for i in kept)  # bad-label rows keep a usable rationale
     assert gold["rows_without_rationale"] == sum(not by_id[i]["rationale"].strip() for i in kept)
+
+
+def test_edited_data_is_a_new_run_never_a_stale_resume(students, data_dir, tmp_path):
+    """Re-annotating a data dir between two runs of the same command (here: one teacher output
+    changed) trains again on the new data instead of resuming, or returning, the old run."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "svamp", data / "svamp")
+    job = dict(zero="off", max_steps=2, eval_every=2)
+    first = train(_job(students, data, tmp_path, **job), use_ray=False)
+    same = train(_job(students, data, tmp_path, **job), use_ray=False)
+    assert same["run_dir"] == first["run_dir"] and same["resumed_from_step"] == 2  # unchanged data: resumes
+    outputs_file = data / "svamp" / "llm" / "train_CoT_0.json"
+    outputs = json.loads(outputs_file.read_text())
+    outputs[0] = outputs[0] + " "
+    outputs_file.write_text(json.dumps(outputs))
+    edited = train(_job(students, data, tmp_path, **job), use_ray=False)
+    assert edited["run_dir"] != first["run_dir"] and edited["resumed_from_step"] == 0
+    # a method that does not read teacher outputs is not affected by them
+    finetune = dict(job, method="standard")
+    assert (train_mod.resolve_paths(_job(students, data, tmp_path, **finetune)).data_fingerprint
+            == train_mod.data_fingerprint("svamp", str(data), uses_teacher=False))
