@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dsbs_ray.data import attach_teacher
+from dsbs_ray.data import attach_teacher, hash_file
 from dsbs_ray.errors import UserError
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.prompts import NLI_PROMPT_JOIN, Prompt, load_prompt
@@ -251,21 +251,13 @@ def check(cfg: AnnotateConfig) -> None:
 MANIFEST = ".dsbs-teacher-written.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest(task_dir: Path) -> dict:
     path = task_dir / MANIFEST
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _ours(task_dir: Path, path: Path) -> bool:
-    return _manifest(task_dir).get(path.relative_to(task_dir).as_posix()) == _sha256(path)
+    return _manifest(task_dir).get(path.relative_to(task_dir).as_posix()) == hash_file(path).hexdigest()
 
 
 def _layout_files(task_dir: Path, task_name: str, split: str) -> list[Path]:
@@ -410,7 +402,7 @@ def _write_released_layout(task_dir: Path, task_name: str, split: str, rows: lis
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-        manifest[path.relative_to(task_dir).as_posix()] = _sha256(path)
+        manifest[path.relative_to(task_dir).as_posix()] = hash_file(path).hexdigest()
     tmp = task_dir / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, task_dir / MANIFEST)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray.data import (
-    attach_teacher, bucketed_batches, carve_validation, collate, fraction_indices, length_key,
+    attach_teacher, bucketed_batches, carve_validation, collate, fraction_indices, hash_file, length_key,
     shard_batch, tokenize_split,
 )
 from dsbs_ray.errors import UserError, build
@@ -851,9 +851,7 @@ def data_fingerprint(task_name: str, data_dir: str | None, uses_teacher: bool) -
             files += list((folder / "llm").glob("train_CoT_*.json"))
         for path in sorted(files):
             digest.update(f"{path.relative_to(data_dir)}\0".encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file(path, digest)
             seen += 1
     return digest.hexdigest()[:16] if seen else None
 
