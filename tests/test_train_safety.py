@@ -175,3 +175,39 @@ def test_edited_data_is_a_new_run_never_a_stale_resume(students, data_dir, tmp_p
     finetune = dict(job, method="standard")
     assert (train_mod.resolve_paths(_job(students, data, tmp_path, **finetune)).data_fingerprint
             == train_mod.data_fingerprint("svamp", str(data), uses_teacher=False))
+
+
+def _fetch(student: str) -> str:
+    from dsbs_ray.students import fetch_student
+    return fetch_student(student)
+
+
+def test_a_hub_student_is_downloaded_once_per_node(students, tmp_path, monkeypatch):
+    """Four processes of one node (a trial's workers) ask for the same hub student at once: one
+    downloads, the others wait for it and read the cache. The hub is a stand-in that counts downloads."""
+    import multiprocessing
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cache, calls = tmp_path / "hub", tmp_path / "downloads"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def snapshot_download(repo_id, local_files_only=False, allow_patterns=None):
+        target = cache / repo_id.replace("/", "--")
+        if (target / "config.json").exists():
+            return str(target)
+        if local_files_only:
+            raise FileNotFoundError(repo_id)
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # a slow download: the others arrive meanwhile
+        shutil.copytree(students["t5-tiny-s"], target)
+        return str(target)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        paths = pool.map(_fetch, ["org/t5-tiny"] * 4)
+    assert len(calls.read_text().splitlines()) == 1
+    assert len(set(paths)) == 1 and (Path(paths[0]) / "config.json").exists()
+    assert _fetch(str(students["t5-tiny-s"])) == str(students["t5-tiny-s"])  # a local path is used as it is
