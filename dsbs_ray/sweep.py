@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsbs_ray.errors import UserError, build
+from dsbs_ray.locks import hold
 from dsbs_ray.tasks import get_task, read_yaml
 from dsbs_ray.train import TrainConfig, load_config, resolve_paths, validate
 
@@ -236,46 +237,13 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
     return longest_first(jobs), uri
 
 
-def hold_sweep_dir(sweep_dir: Path):
-    """An exclusive lock on a sweep dir for as long as a sweep runs in it; a second sweep there is
-    refused in one line naming the holder. An flock: the kernel drops it when the holder dies, so a
-    killed sweep never leaves a stale lock behind."""
-    import contextlib
-    import fcntl
-    import socket
-
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    f = open(sweep_dir / ".lock", "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its name yet"
-        f.close()
-        raise UserError(f"output_dir: {sweep_dir} is in use by another sweep ({holder}); wait for it to end "
-                        f"or use another --output-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-            f"{' '.join(sys.argv)}\n")
-    f.flush()
-
-    @contextlib.contextmanager
-    def held():
-        try:
-            yield
-        finally:
-            f.close()
-    return held()
-
-
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run the grid with Ray Tune (each trial a Ray Train job), then the report. Returns a summary."""
     t0 = time.time()
     jobs, uri = check_sweep(cfg)
     experiment = cfg.experiment or cfg.name
     sweep_dir = Path(cfg.output_dir).resolve() / cfg.name
-    with hold_sweep_dir(sweep_dir):  # one sweep at a time per sweep dir: run dirs, Tune state, report
+    with hold(sweep_dir, "sweep", "output_dir"):  # one sweep at a time per sweep dir: run dirs, Tune state, report
         return _run_locked(cfg, jobs, uri, experiment, sweep_dir, t0)
 
 

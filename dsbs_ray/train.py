@@ -30,6 +30,7 @@ from dsbs_ray.data import (
     shard_batch, tokenize_split,
 )
 from dsbs_ray.errors import UserError, build
+from dsbs_ray.locks import hold
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.students import check_student, count_parameters, fetch_student, load_student, load_tokenizer
 from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
@@ -875,10 +876,15 @@ def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
     cfg = resolve_paths(cfg)
     validate(cfg)
     prepare_data(cfg, load_tokenizer(cfg.student))  # fills the token cache once; fails early on bad data
+    if not use_ray and cfg.workers != 1:
+        raise UserError("workers: more than one worker needs Ray (drop --no-ray)")
+    with hold(Path(cfg.output_dir) / cfg.name(), "run of this job", "output_dir"):  # its checkpoints are one run's
+        return _run_job(cfg, use_ray)
+
+
+def _run_job(cfg: TrainConfig, use_ray: bool) -> dict:
     t0 = time.time()
     if not use_ray:
-        if cfg.workers != 1:
-            raise UserError("workers: more than one worker needs Ray (drop --no-ray)")
         session = LocalSession(Path(cfg.output_dir).resolve() / cfg.name())
         metrics = train_loop(cfg.model_dump(), session)
         metrics["checkpoint"] = session.checkpoint_path()

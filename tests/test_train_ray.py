@@ -79,3 +79,18 @@ def test_killed_job_resumes_from_its_last_checkpoint(students, data_dir, tmp_pat
     assert metrics["steps"] == 40
     assert metrics["resumed_from_step"] >= 5 and metrics["resumed_from_step"] % 5 == 0
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["checkpoint"]
+
+
+def test_a_changed_world_size_never_loads_a_deepspeed_checkpoint_of_another(students, data_dir, tmp_path):
+    """A student's `workers` changed between two runs of the same job (ZeRO-2): the run name stays, the
+    world-2 DeepSpeed checkpoint is not loaded by one worker: the job starts afresh and says so."""
+    common = dict(task="svamp", student=str(students["t5-tiny-s"]), method="dsbs", fraction=0.1, max_steps=4,
+                  batch_size=8, lr=1e-2, eval_every=2, checkpoint_every=2, eval_limit=2, gen_max_length=2,
+                  max_input_length=128, max_target_length=48, zero="2", data_dir=str(data_dir),
+                  output_dir=str(tmp_path / "runs"))
+    two = train(load_config(**common, workers=2, cpus_per_worker=0.5))
+    one = train(load_config(**common, workers=1, cpus_per_worker=1.0))
+    assert one["run_dir"] == two["run_dir"] and two["world"] == 2 and one["world"] == 1
+    assert one["resumed_from_step"] == 0 and "'world': 2" in one["restarted_afresh"]
+    again = train(load_config(**common, workers=1, cpus_per_worker=1.0))
+    assert again["resumed_from_step"] == 4 and again["restarted_afresh"] is None

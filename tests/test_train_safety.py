@@ -211,3 +211,27 @@ def test_a_hub_student_is_downloaded_once_per_node(students, tmp_path, monkeypat
     assert len(calls.read_text().splitlines()) == 1
     assert len(set(paths)) == 1 and (Path(paths[0]) / "config.json").exists()
     assert _fetch(str(students["t5-tiny-s"])) == str(students["t5-tiny-s"])  # a local path is used as it is
+
+
+def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(students, data_dir, tmp_path):
+    """Two runs of one job would share one run dir and its checkpoints: the second is refused in one
+    line naming the first, and the first finishes untouched."""
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "dsbs_ray", "train", "--task", "svamp", "--student", str(students["t5-tiny-s"]),
+           "--fraction", "0.1", "--max-steps", "30", "--batch-size", "8", "--eval-every", "30", "--eval-limit", "4",
+           "--gen-max-length", "4", "--max-input-length", "128", "--max-target-length", "48", "--zero", "off",
+           "--no-ray", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(f"pid {first.pid} " in p.read_text()
+                                             for p in (tmp_path / "runs").glob("*/.lock")):
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        time.sleep(0.1)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out, err = first.communicate(timeout=300)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
+    assert "in use by another run of this job" in second.stderr and f"pid {first.pid} " in second.stderr
+    assert first.returncode == 0 and json.loads(out.strip().splitlines()[-1])["steps"] == 30, err[-2000:]
