@@ -103,10 +103,10 @@ def test_a_bf16_checkpoint_trains_fp32_master_weights(students, data_dir, tmp_pa
                                                      output_dir=str(tmp_path / f"runs-{name}"), zero="off",
                                                      max_steps=2, eval_every=2, precision="fp32"))), use_ray=False)
             for name in ("bf16", "fp32")}
-    assert runs["bf16"]["master_dtype"] == "float32"
     a = load_file(Path(runs["bf16"]["run_dir"]) / "model" / "model.safetensors")
     b = load_file(Path(runs["fp32"]["run_dir"]) / "model" / "model.safetensors")
     assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in b)
+    assert runs["bf16"]["master_dtype"] == "float32"
 
 
 def test_bf16_is_compute_only_under_deepspeed(students, data_dir, tmp_path):
