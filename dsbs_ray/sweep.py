@@ -225,7 +225,8 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
     the data and teacher annotations, the tracking store. Returns (resolved jobs, tracking URI)."""
     from dsbs_ray import tracking
 
-    jobs = [resolve_paths(j) for j in expand(cfg)]
+    fingerprints: dict = {}  # one hash of the data per (task, data dir, teacher use), not one per trial
+    jobs = [resolve_paths(j, fingerprints) for j in expand(cfg)]
     checked = set()
     for job in jobs:
         key = (job.student, job.task, job.uses_teacher, job.data_dir, job.zero)

@@ -256,8 +256,9 @@ def _manifest(task_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _ours(task_dir: Path, path: Path) -> bool:
-    return _manifest(task_dir).get(path.relative_to(task_dir).as_posix()) == hash_file(path).hexdigest()
+def _ours(manifest: dict, task_dir: Path, path: Path) -> bool:
+    """Whether `path` is a file annotate wrote (it is in the task dir's manifest with this content)."""
+    return manifest.get(path.relative_to(task_dir).as_posix()) == hash_file(path).hexdigest()
 
 
 def _layout_files(task_dir: Path, task_name: str, split: str) -> list[Path]:
@@ -277,8 +278,9 @@ def _check_out_dir(cfg: AnnotateConfig, task_name: str) -> None:
         raise UserError(f"out_dir {cfg.out_dir} is the data dir the split is read from: annotating into it would "
                         f"overwrite its split and teacher outputs; choose another --out-dir")
     task_dir = out / task_name
+    manifest = _manifest(task_dir)
     for path in _layout_files(task_dir, task_name, cfg.split):
-        if path.exists() and not _ours(task_dir, path):
+        if path.exists() and not _ours(manifest, task_dir, path):
             raise UserError(f"out_dir: {path} exists and was not written by dsbs teacher (or changed since); "
                             f"choose another --out-dir or move that file")
 
@@ -393,10 +395,10 @@ def _write_released_layout(task_dir: Path, task_name: str, split: str, rows: lis
         task_dir / "llm" / f"{split}_CoT_0.json": lambda f: f.write(json.dumps(list(first.raw)).encode()),
         task_dir / f"annotations_{split}.parquet": lambda f: table.drop(columns=["row"]).to_parquet(f, index=False),
     }
-    for path in _layout_files(task_dir, task_name, split):
-        if path.exists() and path not in targets and _ours(task_dir, path):
-            path.unlink()  # a CoT_K file of an earlier run of ours (e.g. more samples then)
     manifest = _manifest(task_dir)
+    for path in _layout_files(task_dir, task_name, split):
+        if path.exists() and path not in targets and _ours(manifest, task_dir, path):
+            path.unlink()  # a CoT_K file of an earlier run of ours (e.g. more samples then)
     for path, write in targets.items():
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:

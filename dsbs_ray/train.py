@@ -37,7 +37,7 @@ from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
 
 
 # How a job is laid out on its workers; none of it changes the result (the loss is normalised by the
-# global batch), so a changed layout keeps the run name; a checkpoint records its layout (resume_layout).
+# global batch), so a changed layout keeps the run name; a checkpoint records its layout (_layout).
 RUN_LAYOUT_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "micro_batch_size", "zero"}
 
 
@@ -692,7 +692,7 @@ def train_loop(config: dict, session=None) -> dict | None:
 
     def load(directory: Path) -> bool:
         saved = json.loads((directory / "trainer_state.json").read_text())
-        if saved.get("layout") != layout and not (saved.get("layout") == layout == {"backend": "torch"}):
+        if saved.get("layout") != layout:
             state["restart"] = (f"checkpoint at step {saved.get('step')} was saved with {saved.get('layout')}, "
                                 f"this run is {layout}: starting afresh from step 0")
             return False
@@ -857,17 +857,25 @@ def data_fingerprint(task_name: str, data_dir: str | None, uses_teacher: bool) -
     return digest.hexdigest()[:16] if seen else None
 
 
-def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+def resolve_paths(cfg: TrainConfig, fingerprints: dict | None = None) -> TrainConfig:
     """Absolute student, data and output paths (Ray workers run in another working directory), and the
-    data's fingerprint."""
+    data's fingerprint. A job resolved before (a sweep's trial) keeps its fingerprint, so its run name
+    is the one its sweep tracks; `fingerprints` memoizes them across the jobs of one sweep."""
     from dsbs_ray.tasks import default_data_dir
 
     student = str(Path(cfg.student).resolve()) if Path(cfg.student).exists() else cfg.student
     data_dir = cfg.data_dir or default_data_dir()
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    fingerprint = cfg.data_fingerprint
+    if fingerprint is None:
+        memo = {} if fingerprints is None else fingerprints
+        key = (cfg.task, data_dir, cfg.uses_teacher)
+        if key not in memo:
+            memo[key] = data_fingerprint(*key)
+        fingerprint = memo[key]
     return cfg.model_copy(update={
         "student": student, "output_dir": str(Path(cfg.output_dir).resolve()), "data_dir": data_dir,
-        "data_fingerprint": data_fingerprint(cfg.task, data_dir, cfg.uses_teacher)})
+        "data_fingerprint": fingerprint})
 
 
 def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
