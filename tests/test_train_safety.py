@@ -235,3 +235,11 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(students, 
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
     assert "in use by another run of this job" in second.stderr and f"pid {first.pid} " in second.stderr
     assert first.returncode == 0 and json.loads(out.strip().splitlines()[-1])["steps"] == 30, err[-2000:]
+
+
+def test_no_ray_with_several_workers_is_one_line_before_anything_is_written(students, data_dir, tmp_path):
+    from dsbs_ray.errors import UserError
+
+    with pytest.raises(UserError, match=r"^workers: more than one worker needs Ray"):
+        train(_job(students, data_dir, tmp_path, zero="off", workers=2, max_steps=2), use_ray=False)
+    assert not (tmp_path / "runs").exists()
