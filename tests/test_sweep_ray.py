@@ -244,6 +244,10 @@ def cluster(tmp_path_factory):
     worker_temp_dir = Path(f"{temp_dir}w")
     port, dash = _free_port(), _free_port()
 
+    def own_ports() -> list[str]:  # Ray's defaults are fixed (agent 52365): another Ray on the box may hold them
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
     def pids() -> list[int]:  # this cluster's processes: the ones started with its temp dirs
         return [p.pid for p in psutil.process_iter(["cmdline"])
                 if any(str(temp_dir) in a for a in (p.info["cmdline"] or []))]
@@ -251,17 +255,14 @@ def cluster(tmp_path_factory):
     try:
         head = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                                f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=0",
-                               "--object-store-memory=200000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                              capture_output=True, text=True, env=head_env, timeout=120)
+                               "--object-store-memory=200000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                               *own_ports()], capture_output=True, text=True, env=head_env, timeout=120)
         assert head.returncode == 0, head.stderr[-3000:]
         import re
         gcs = re.search(r"--address='([^']+)'", head.stdout + head.stderr).group(1)
         worker = subprocess.run([str(BIN / "ray"), "start", f"--address={gcs}", "--num-cpus=2",
                                  "--node-name=dsbs-worker", "--object-store-memory=200000000",
-                                 f"--temp-dir={worker_temp_dir}",
-                                 f"--dashboard-agent-listen-port={_free_port()}",
-                                 f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                                 f"--runtime-env-agent-port={_free_port()}", "--disable-usage-stats"],
+                                 f"--temp-dir={worker_temp_dir}", *own_ports(), "--disable-usage-stats"],
                                 capture_output=True, text=True, env=worker_env, timeout=120)
         assert worker.returncode == 0, worker.stderr[-3000:]
         address = f"http://127.0.0.1:{dash}"
@@ -277,7 +278,9 @@ def cluster(tmp_path_factory):
                 break
             time.sleep(2)
         else:
-            pytest.fail("the head never took a job: " + (ready.stdout + ready.stderr)[-2000:])
+            agent_log = "".join(p.read_text()[-2000:] for p in temp_dir.glob("session_latest/logs/dashboard_agent*.log"))
+            pytest.fail("the head never took a job: " + (ready.stdout + ready.stderr)[-1500:] + "\nhead agent log: "
+                        + agent_log)
         yield {"env": base, "address": address, "token": token, "pids": pids, "worker_node": worker_node["node_id"]}
     finally:
         _stop_tree(pids())
