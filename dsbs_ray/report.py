@@ -1,6 +1,6 @@
 """The sweep report, from MLflow runs: accuracy vs data fraction (a panel per task x student),
 accuracy vs student size, the teacher's accuracy as a line, and the frontier table (the smallest
-student and data fraction that beat the teacher, per method and task). Files plus MLflow artifacts.
+student and data fraction that beat the teacher, per task, teacher and method). Files plus MLflow artifacts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ METHOD_STYLE = {"finetune": ("tab:blue", "o"), "distill": ("tab:orange", "s"),
 
 
 def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
-    """One row per finished trial run: task, student, parameters, method, fraction, seed, accuracy."""
+    """One row per finished trial run: task, teacher, student, parameters, method (with its rationale
+    filter when it is not `none`), fraction, seed, accuracy, and the teacher's own accuracy."""
     from dsbs_ray import tracking
 
     c = tracking.client(uri)
@@ -31,8 +32,12 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
         p, m = r.data.params, r.data.metrics
         if "accuracy" not in m or "method" not in p:
             continue
-        rows.append({"task": p["task"], "student": p.get("student_name", p["student"]),
-                     "parameters": int(float(p.get("parameters", m.get("parameters", 0)))), "method": p["method"],
+        teacher = p.get("teacher") or ("none" if p["method"] == "finetune" else "released")  # older runs
+        rationale_filter = p.get("rationale_filter", "none")
+        method = p["method"] if rationale_filter == "none" else f"{p['method']} · {rationale_filter}"
+        rows.append({"task": p["task"], "teacher": teacher, "student": p.get("student_name", p["student"]),
+                     "parameters": int(float(p.get("parameters", m.get("parameters", 0)))), "method": method,
+                     "teacher_accuracy": m.get("teacher_accuracy"), "teacher_split": r.data.tags.get("dsbs.teacher_split"),
                      "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
                      "eval_limit": int(p["eval_limit"]) if p.get("eval_limit") else None,
                      "data_dir": p.get("data_dir"), "run_name": p.get("run_name", r.info.run_name),
@@ -40,38 +45,63 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
     if not rows:
         raise UserError(f"experiment {experiment!r} has no finished trial runs to report on")
     df = pd.DataFrame(rows).sort_values("end_time")
-    return df.drop_duplicates("run_name", keep="last").reset_index(drop=True)
+    df = df.drop_duplicates("run_name", keep="last").reset_index(drop=True)
+    # runs that read no teacher (finetune) are the baseline in every teacher's panel of their task
+    parts = [df[df.teacher != "none"]]
+    for task, cells in df[df.teacher == "none"].groupby("task"):
+        teachers = sorted(set(df[(df.task == task) & (df.teacher != "none")].teacher)) or ["released"]
+        parts += [cells.assign(teacher=t) for t in teachers]
+    return pd.concat(parts, ignore_index=True)
 
 
-def teacher_accuracy(task: str, data_dir: str | None) -> tuple[float | None, str | None]:
-    """The teacher's accuracy on the test split (valid where the released data has no test outputs)."""
+def released_teacher_line(task: str, data_dir: str | None) -> dict | None:
+    """The released teacher's accuracy on the test split (valid where the data has no test outputs)."""
     from dsbs_ray.tasks import load_teacher_outputs
     from dsbs_ray.teacher import teacher_report
 
     for split in ("test", "valid"):
         try:
             load_teacher_outputs(task, split, data_dir)  # cheap: no outputs, no need to load the split
-            return teacher_report(task, split, data_dir)["accuracy"], split
+            r = teacher_report(task, split, data_dir)
+            return {"accuracy": r["accuracy"], "split": split, "rows": r["n"]}
         except UserError:
             continue
-    return None, None
+    return None
+
+
+def teacher_lines(df: pd.DataFrame) -> dict:
+    """(task, teacher) -> (accuracy, split): what the sweep logged on its trials, else (the released
+    teacher of an older sweep) scored from the data dir."""
+    lines = {}
+    for (task, teacher), cells in df.groupby(["task", "teacher"]):
+        logged = cells.dropna(subset=["teacher_accuracy"])
+        if len(logged):
+            lines[(task, teacher)] = (float(logged.teacher_accuracy.iloc[-1]), logged.teacher_split.iloc[-1] or "test")
+        elif teacher == "released":
+            dirs = cells.data_dir.dropna()
+            line = released_teacher_line(task, dirs.iloc[-1] if len(dirs) else None)
+            lines[(task, teacher)] = (line["accuracy"], line["split"]) if line else (None, None)
+        else:
+            lines[(task, teacher)] = (None, None)
+    return lines
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Mean (and spread) of accuracy over seeds per task x student x method x fraction."""
-    g = df.groupby(["task", "student", "parameters", "method", "fraction"], as_index=False)
+    g = df.groupby(["task", "teacher", "student", "parameters", "method", "fraction"], as_index=False)
     out = g.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"))
     out["accuracy_std"] = out["accuracy_std"].fillna(0.0)
-    return out.sort_values(["task", "parameters", "method", "fraction"]).reset_index(drop=True)
+    return out.sort_values(["task", "teacher", "parameters", "method", "fraction"]).reset_index(drop=True)
 
 
 def frontier(summary: pd.DataFrame, teacher: dict) -> pd.DataFrame:
-    """Per task and method: the smallest student (then the smallest fraction) whose accuracy beats the teacher's."""
+    """Per task, teacher and method: the smallest student (then the smallest fraction) whose accuracy
+    beats that teacher's."""
     rows = []
-    for (task, method), cells in summary.groupby(["task", "method"]):
-        t = teacher.get(task)
+    for (task, name, method), cells in summary.groupby(["task", "teacher", "method"]):
+        t = teacher.get((task, name), (None, None))[0]
         best = cells.loc[cells.accuracy.idxmax()]
-        row = {"task": task, "method": method, "teacher_accuracy": t, "student": None, "parameters": None,
+        row = {"task": task, "teacher": name, "method": method, "teacher_accuracy": t, "student": None, "parameters": None,
                "fraction": None, "accuracy": None, "best_accuracy": best.accuracy}
         if t is not None:
             winners = cells[cells.accuracy > t].sort_values(["parameters", "fraction"])
@@ -81,14 +111,14 @@ def frontier(summary: pd.DataFrame, teacher: dict) -> pd.DataFrame:
                         "accuracy": w.accuracy}
         rows.append(row)
     out = pd.DataFrame(rows)
-    out["method"] = pd.Categorical(out["method"], [m for m in METHOD_ORDER if m in set(out["method"])] +
-                                   sorted(set(out["method"]) - set(METHOD_ORDER)))
-    return out.sort_values(["task", "method"]).reset_index(drop=True)
+    out["method"] = pd.Categorical(out["method"], _methods(out))
+    return out.sort_values(["task", "teacher", "method"]).reset_index(drop=True)
 
 
 def _methods(df: pd.DataFrame) -> list[str]:
-    present = set(df["method"])
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    """Methods in the paper's order, each followed by its filtered variants."""
+    return sorted(set(df["method"]), key=lambda m: (METHOD_ORDER.index(m.split(" · ")[0])
+                                                    if m.split(" · ")[0] in METHOD_ORDER else 99, m))
 
 
 def _pyplot():
@@ -104,14 +134,15 @@ def _method_lines(ax, cells: pd.DataFrame, x: str, scale: float = 1.0):
     """A line per method: accuracy (%) against column x, seed spread as error bars."""
     for method in _methods(cells):
         m = cells[cells.method == method].sort_values(x)
-        color, marker = METHOD_STYLE.get(method, (None, "x"))
+        color, marker = METHOD_STYLE.get(method.split(" · ")[0], (None, "x"))
         ax.errorbar(m[x] * scale, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method, color=color,
-                    marker=marker, capsize=3)
+                    marker=marker, capsize=3, linestyle="-" if " · " not in method else ":")
 
 
-def _teacher_line(ax, task: str, teacher: dict, splits: dict):
-    if teacher.get(task) is not None:
-        ax.axhline(teacher[task] * 100, color="black", linestyle="--", linewidth=1, label=f"teacher ({splits[task]})")
+def _teacher_line(ax, panel: tuple, teacher: dict):
+    acc, split = teacher.get(panel, (None, None))
+    if acc is not None:
+        ax.axhline(acc * 100, color="black", linestyle="--", linewidth=1, label=f"teacher {panel[1]} ({split})")
 
 
 def _save(fig, axes, path: Path):
@@ -122,19 +153,25 @@ def _save(fig, axes, path: Path):
     _pyplot().close(fig)
 
 
-def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
-    """Accuracy vs data fraction per method: a panel per task (rows) x student (columns, by size)."""
+def _panels(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """(task, teacher) pairs: a row of panels each."""
+    return sorted(set(zip(summary.task, summary.teacher)))
+
+
+def plot_fraction(summary: pd.DataFrame, teacher: dict, path: Path) -> None:
+    """Accuracy vs data fraction per method: a panel per task x teacher (rows) x student (columns, by size)."""
     plt = _pyplot()
-    tasks = sorted(summary.task.unique())
+    panels = _panels(summary)
     students = summary.drop_duplicates("student").sort_values("parameters")[["student", "parameters"]].values.tolist()
-    fig, axes = plt.subplots(len(tasks), len(students), figsize=(4 * len(students), 3.2 * len(tasks)),
+    fig, axes = plt.subplots(len(panels), len(students), figsize=(4 * len(students), 3.2 * len(panels)),
                              squeeze=False, sharey="row")
-    for i, task in enumerate(tasks):
+    for i, (task, name) in enumerate(panels):
         for j, (student, n) in enumerate(students):
             ax = axes[i][j]
-            _method_lines(ax, summary[(summary.task == task) & (summary.student == student)], "fraction", 100)
-            _teacher_line(ax, task, teacher, splits)
-            ax.set_title(f"{task} · {student} ({n / 1e6:.2f}M)", fontsize=9)
+            cells = summary[(summary.task == task) & (summary.teacher == name) & (summary.student == student)]
+            _method_lines(ax, cells, "fraction", 100)
+            _teacher_line(ax, (task, name), teacher)
+            ax.set_title(f"{task} · {name} · {student} ({n / 1e6:.2f}M)", fontsize=9)
             ax.set_xlabel("training data (%)")
             if j == 0:
                 ax.set_ylabel("test accuracy (%)")
@@ -142,18 +179,18 @@ def plot_fraction(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path
     _save(fig, axes, path)
 
 
-def plot_size(summary: pd.DataFrame, teacher: dict, splits: dict, path: Path) -> None:
-    """Accuracy vs student size per method, at each task's largest data fraction: a panel per task."""
+def plot_size(summary: pd.DataFrame, teacher: dict, path: Path) -> None:
+    """Accuracy vs student size per method, at each task's largest data fraction: a panel per task x teacher."""
     plt = _pyplot()
-    tasks = sorted(summary.task.unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        cells = summary[summary.task == task]
+    panels = _panels(summary)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (task, name) in zip(axes[0], panels):
+        cells = summary[(summary.task == task) & (summary.teacher == name)]
         full = cells.fraction.max()
         _method_lines(ax, cells[cells.fraction == full], "parameters")
-        _teacher_line(ax, task, teacher, splits)
+        _teacher_line(ax, (task, name), teacher)
         ax.set_xscale("log")
-        ax.set_title(f"{task} · {full * 100:g}% of the training data", fontsize=9)
+        ax.set_title(f"{task} · {name} · {full * 100:g}% of the training data", fontsize=9)
         ax.set_xlabel("student parameters")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -164,30 +201,34 @@ def _pct(x) -> str:
     return "—" if x is None or pd.isna(x) else f"{100 * x:.1f}"
 
 
-def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict, splits: dict,
+def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict,
              n_runs: int, eval_limit: int | None = None) -> str:
     scope = f"the first {eval_limit} rows of the test split" if eval_limit else "the test split"
     lines = [f"# Sweep report: {experiment}", "",
              f"{n_runs} finished trial runs; student accuracy in % on {scope} (mean over seeds); "
-             "the teacher's on its whole annotated split.", "",
+             "the teacher's (its vote, with several samples) on the split named beside it.", "",
              "## Frontier: the smallest student and data fraction that beat the teacher", "",
-             "| task | method | teacher | smallest student | parameters | data | accuracy | best seen |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| task | teacher | method | teacher accuracy | smallest student | parameters | data | accuracy | best seen |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in front.itertuples():
+        split = teacher.get((r.task, r.teacher), (None, None))[1]
         t = "unknown" if r.teacher_accuracy is None or pd.isna(r.teacher_accuracy) else \
-            f"{_pct(r.teacher_accuracy)} ({splits.get(r.task)})"
+            f"{_pct(r.teacher_accuracy)} ({split})"
         if r.student is None or pd.isna(r.student):
-            lines.append(f"| {r.task} | {r.method} | {t} | none beats it | — | — | — | {_pct(r.best_accuracy)} |")
+            lines.append(f"| {r.task} | {r.teacher} | {r.method} | {t} | none beats it | — | — | — | "
+                         f"{_pct(r.best_accuracy)} |")
         else:
-            lines.append(f"| {r.task} | {r.method} | {t} | {r.student} | {int(r.parameters):,} | "
+            lines.append(f"| {r.task} | {r.teacher} | {r.method} | {t} | {r.student} | {int(r.parameters):,} | "
                          f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.best_accuracy)} |")
     lines += ["", "## Figures", "", "![accuracy vs data fraction](accuracy_vs_fraction.png)", "",
               "![accuracy vs student size](accuracy_vs_size.png)", "", "## All results", "",
-              "| task | student | parameters | method | data | accuracy | ± | seeds |", "|---|---|---|---|---|---|---|---|"]
+              "| task | teacher | student | parameters | method | data | accuracy | ± | seeds |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
-        lines.append(f"| {r.task} | {r.student} | {int(r.parameters):,} | {r.method} | {r.fraction * 100:g}% | "
-                     f"{_pct(r.accuracy)} | {_pct(r.accuracy_std)} | {r.seeds} |")
-    teachers = ", ".join(f"{k} {_pct(v)} ({splits[k]})" for k, v in teacher.items() if v is not None)
+        lines.append(f"| {r.task} | {r.teacher} | {r.student} | {int(r.parameters):,} | {r.method} | "
+                     f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.accuracy_std)} | {r.seeds} |")
+    teachers = ", ".join(f"{task} · {name} {_pct(acc)} ({split})" for (task, name), (acc, split) in teacher.items()
+                         if acc is not None)
     lines += ["", f"Teacher accuracy: {teachers or 'not available (no teacher outputs for test/valid)'}.", ""]
     return "\n".join(lines)
 
@@ -202,15 +243,13 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     df = collect_trials(experiment, uri)
     out = Path(out_dir or Path("work/reports") / experiment)
     out.mkdir(parents=True, exist_ok=True)
-    teacher, splits = {}, {}
-    for task, cells in df.groupby("task"):
-        teacher[task], splits[task] = teacher_accuracy(task, cells.data_dir.dropna().iloc[-1] if cells.data_dir.notna().any() else None)
+    teacher = teacher_lines(df)
     summary = summarise(df)
     front = frontier(summary, teacher)
-    plot_fraction(summary, teacher, splits, out / "accuracy_vs_fraction.png")
-    plot_size(summary, teacher, splits, out / "accuracy_vs_size.png")
+    plot_fraction(summary, teacher, out / "accuracy_vs_fraction.png")
+    plot_size(summary, teacher, out / "accuracy_vs_size.png")
     limits = df.eval_limit.dropna()
-    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, splits, len(df),
+    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, len(df),
                                             int(limits.max()) if len(limits) else None))
     summary.to_csv(out / "results.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)

