@@ -71,12 +71,13 @@ def done_samples(entry: Path, keys: Sequence[str], samples: int):
     ds = _dataset(entry)
     if ds is None:
         return done
-    index = {k: i for i, k in enumerate(keys)}
+    index: dict = {}
+    for i, k in enumerate(keys):  # identical rows share a key, and its samples
+        index.setdefault(k, []).append(i)
     table = ds.to_table(columns=["row_key", "sample"])
     for key, k in zip(table.column("row_key").to_pylist(), table.column("sample").to_pylist()):
-        i = index.get(key)
-        if i is not None and k < samples:
-            done[i, k] = True
+        if k < samples:
+            done[index.get(key, []), k] = True
     return done
 
 

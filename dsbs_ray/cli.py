@@ -166,7 +166,7 @@ def train_cmd(
     with contextlib.redirect_stdout(sys.stderr):  # worker logs (forwarded by Ray) stay off our JSON stdout
         metrics = train(cfg, use_ray=ray)
     keys = ["accuracy", "valid_accuracy", "steps", "examples_per_s", "wall_seconds", "checkpoint", "task", "student",
-            "method", "label_source", "fraction", "seed", "parameters", "train_rows", "dropped_unparsed",
+            "method", "label_source", "fraction", "seed", "parameters", "train_rows", "dropped_unparsed", "rows_with_rationale",
             "resumed_from_step", "first_loss", "final_loss", "predictions"]
     print(json.dumps({k: metrics.get(k) for k in keys}))
 

@@ -81,7 +81,9 @@ class SweepConfig(BaseModel):
                                            "becomes a sweep axis (instead of `teacher`)")
     rationale_filter: RationaleFilter | list[RationaleFilter] = Field("none", description="a list makes it an axis")
     unmatched: Unmatched = "no-rationale"
-    annotation_store: str = DEFAULT_STORE  # open teachers' annotations, shared by every sweep that names it
+    annotation_store: str = Field(default_factory=lambda: os.environ.get("DSBS_ANNOTATION_STORE", DEFAULT_STORE),
+                                  description="open teachers' samples, shared by every sweep that names it "
+                                  "(default: $DSBS_ANNOTATION_STORE, else work/annotation-store)")
     train_limit: int | None = Field(None, ge=1, description="the first N train rows only (CPU demos)")
     alpha: float = Field(0.5, ge=0, le=1)
     max_steps: int = Field(10_000, ge=1)

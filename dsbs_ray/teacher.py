@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
@@ -421,6 +422,8 @@ def wait_engines_released(timeout: float = 120.0) -> None:
         time.sleep(0.5)
     if busy:
         raise RuntimeError(f"teacher engines still hold {busy} after {timeout:.0f} s")
+    print(f"teacher engines shut down: the cluster's {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs "
+          f"are free for the trials", file=sys.stderr)
 
 
 def annotate(cfg: AnnotateConfig, stop_after_rows: int | None = None) -> dict:

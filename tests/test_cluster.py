@@ -58,7 +58,7 @@ def test_runtime_env_is_accepted_by_ray(monkeypatch):
     env = _load("runtime_env.yaml")
     RuntimeEnv(**env)  # raises on unknown fields or bad types
     assert env["working_dir"] == "."
-    assert {"MLFLOW_TRACKING_URI", "DSBS_DATA_DIR", "DSBS_CACHE", "HF_HOME"} <= set(env["env_vars"])
+    assert {"MLFLOW_TRACKING_URI", "DSBS_DATA_DIR", "DSBS_CACHE", "HF_HOME", "DSBS_ANNOTATION_STORE"} <= set(env["env_vars"])
 
 
 @pytest.mark.parametrize("name, kind", [("kuberay/raycluster.yaml", "RayCluster"), ("kuberay/rayjob.yaml", "RayJob")])

@@ -83,6 +83,7 @@ def test_the_sweep_annotates_then_trains_and_a_rerun_generates_nothing(teacher_s
     store = teacher_sweep["tmp"] / "store"
     assert len(_parts(store, "train")) == TRAIN * K and len(_parts(store, "test")) == TEST * K
     assert "0 generated now" not in teacher_sweep["first"].stderr
+    assert "teacher engines shut down: the cluster's" in teacher_sweep["first"].stderr  # before the first trial
     # the rerun: every trial skipped, no sample generated, no part file written or touched
     assert (r["trials"], r["skipped"], r["finished"]) == (3, 3, 0)
     assert teacher_sweep["second"].stderr.count("(0 generated now)") == 2  # train and test
