@@ -249,7 +249,7 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     plot_fraction(summary, teacher, out / "accuracy_vs_fraction.png")
     plot_size(summary, teacher, out / "accuracy_vs_size.png")
     limits = df.eval_limit.dropna()
-    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, len(df),
+    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, df.run_name.nunique(),
                                             int(limits.max()) if len(limits) else None))
     summary.to_csv(out / "results.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)
@@ -268,6 +268,6 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
                 c.set_terminated(parent_run_id, "FINISHED")
         for f in files:
             c.log_artifact(parent_run_id, str(f), artifact_path="report")
-    return {"experiment": experiment, "trials": len(df), "markdown": str(out / "report.md"),
+    return {"experiment": experiment, "trials": int(df.run_name.nunique()), "markdown": str(out / "report.md"),
             "figures": [str(out / "accuracy_vs_fraction.png"), str(out / "accuracy_vs_size.png")],
             "frontier": front.to_dict("records"), "mlflow_run_id": parent_run_id}
