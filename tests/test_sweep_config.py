@@ -140,24 +140,14 @@ def test_longest_trials_go_first(students, data_dir, tmp_path):
     assert order[0] == ("t5-tiny-l", "dsbs") and order[-1] == ("t5-tiny-s", "standard")
 
 
-def _sweep_file(tmp_path, students, **extra) -> Path:
-    import yaml
-
-    cfg = {"name": "x", "tasks": ["svamp"], "students": [{"id": str(students["t5-tiny-s"])}], "fractions": [1.0],
-           "methods": ["finetune", "dsbs-gold"], "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "annotation_store": str(tmp_path / "store")} | extra
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_a_teacher_the_sweep_cannot_reach_or_load_is_one_line_before_any_engine(tmp_path, students, data_dir):
     from dsbs_ray.sweep import check_sweep
 
     for teacher, needle in (({"endpoint": "http://127.0.0.1:9", "model": "m"}, "endpoint http://127.0.0.1:9 is not reachable"),
                             ({"model": str(tmp_path / "no-model")}, "does not exist"),
                             ({"model": "nobody/no-such-teacher"}, "cannot load it from the Hugging Face hub")):
-        path = _sweep_file(tmp_path, students, data_dir=str(data_dir), teacher=teacher)
+        path = _sweep_file(tmp_path, students, data_dir, methods=["finetune", "dsbs-gold"], teacher=teacher,
+                           annotation_store=str(tmp_path / "store"))
         with pytest.raises(UserError, match=needle):
             check_sweep(load_sweep(path))
     assert not (tmp_path / "store").exists()  # nothing was generated, not even an entry
@@ -176,7 +166,7 @@ def test_agree_gold_on_a_train_split_without_gold_is_one_line(tmp_path, students
     for row in rows[:7]:
         row["label"] = ""  # a user's rows the teacher should label, with no gold
     (data / "svamp_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = _sweep_file(tmp_path, students, data_dir=str(tmp_path / "D"), rationale_filter=["none", "agree-gold"],
-                       teacher={"model": "embedded:smollm2-135m-instruct"})
+    path = _sweep_file(tmp_path, students, tmp_path / "D", methods=["dsbs-gold"], rationale_filter=["none", "agree-gold"],
+                       teacher={"model": "embedded:smollm2-135m-instruct"}, annotation_store=str(tmp_path / "store"))
     with pytest.raises(UserError, match="agree-gold needs gold labels, but 7 of 20 rows of svamp/train have none"):
         check_sweep(load_sweep(path))
