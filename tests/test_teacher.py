@@ -141,18 +141,24 @@ def test_bad_input_fails_before_generation(tmp_path, data_dir):
 
 def test_make_teacher_defaults_skip_what_the_data_dir_lacks_in_one_line_each(tmp_path, data_dir):
     """A fresh clone's `make teacher`: the default tasks include esnli and anli1, whose train splits
-    neither the data dir nor (offline) the hub can give; each is skipped in one line, the rest runs."""
+    neither the data dir nor (offline) the hub can give; each is skipped in one line and the rest
+    runs (here the data dir holds svamp only, and its split is refused by an out dir it did not
+    write: the run stops there, before any engine, so no engine starts in this test)."""
     data = tmp_path / "D"
     shutil.copytree(data_dir / "svamp", data / "svamp")
-    cmd = [sys.executable, "-m", "dsbs_ray", "teacher", "--limit", "2", "--max-new-tokens", "8", "--data-dir", str(data),
+    theirs = tmp_path / "ann" / "svamp"
+    theirs.mkdir(parents=True)
+    (theirs / "svamp_train.json").write_text("{}\n")  # somebody's file: the svamp split gets past the skip, then is refused
+    cmd = [sys.executable, "-m", "dsbs_ray", "teacher", "--limit", "2", "--data-dir", str(data),
            "--out-dir", str(tmp_path / "ann"), "--store", str(tmp_path / "store"),
            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    skipped = [line for line in r.stderr.splitlines() if line.startswith("skipped ")]
-    assert [line.split(":")[0] for line in skipped] == ["skipped cqa/train", "skipped esnli/train", "skipped anli1/train"]
-    (report,) = [json.loads(line) for line in r.stdout.splitlines()]
-    assert report["task"] == "svamp" and report["complete"] and report["rows"] == 2
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["skipped cqa/train", "skipped esnli/train",
+                                                          "skipped anli1/train"], r.stderr[-2000:]
+    assert "esnli_train.json" in lines[1] and "hub" in lines[1]
+    assert r.returncode == 2 and len(lines) == 4 and "svamp_train.json exists and was not written by dsbs teacher" in lines[3]
+    assert not (tmp_path / "store").exists()
     # named explicitly, a task that cannot be loaded stays an error
     r = subprocess.run(cmd + ["--tasks", "esnli"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "esnli_train.json" in r.stderr
