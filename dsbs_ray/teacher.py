@@ -11,7 +11,6 @@ the PaLM ones:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -212,13 +211,6 @@ def _resolve_model(cfg: TeacherSpec) -> TeacherSpec:
         raise UserError(f"model {cfg.model}: cannot load it from the Hugging Face hub "
                         f"({str(e).splitlines()[0][:200]})") from None
     return cfg
-
-
-def _read_shards(shard_dir: Path):
-    import pandas as pd
-
-    files = sorted(shard_dir.glob("*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
 
 
 def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):

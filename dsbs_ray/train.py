@@ -152,15 +152,14 @@ def _rows(examples):
     return [{"id": e.id, "input": e.input, "label": e.gold} for e in examples]
 
 
-def teacher_samples(cfg: TrainConfig, n_rows: int) -> list[list[Parsed]]:
-    """The teacher's samples for the first n_rows train rows: from the annotation store entry, or
-    (one sample each) the released outputs in the data dir."""
+def teacher_samples(cfg: TrainConfig, n_rows: int, n_split: int) -> list[list[Parsed]]:
+    """The teacher's samples for the first n_rows of the n_split train rows: from the annotation
+    store entry, or (one sample each) the released outputs in the data dir."""
     task = get_task(cfg.task)
     if cfg.annotations:  # the store keys rows as the teacher saw them (NLI: premise, then hypothesis)
         view = load_examples(task.name, "train", cfg.data_dir, NLI_PROMPT_JOIN)[:n_rows]
         return read_samples(Path(cfg.annotations), view, cfg.samples)
     outputs = load_teacher_outputs(task.name, "train", cfg.data_dir)
-    n_split = len(load_examples(task.name, "train", cfg.data_dir)) if cfg.train_limit else n_rows
     if len(outputs) != n_split:
         raise UserError(f"{task.name}/train: {len(outputs)} teacher outputs for {n_split} rows")
     return [[task.parse(o)] for o in outputs[:n_rows]]
@@ -175,7 +174,8 @@ def select_rows(cfg: TrainConfig, eos_token: str) -> dict:
     trains on its label alone (rows_without_rationale). With teacher labels, rows where no sample's
     label parses are left out too (dropped_unparsed)."""
     task = get_task(cfg.task)
-    train = load_examples(task.name, "train", cfg.data_dir, eos_token)[:cfg.train_limit]
+    split = load_examples(task.name, "train", cfg.data_dir, eos_token)
+    train = split[:cfg.train_limit]
     if task.has_valid:
         valid = load_examples(task.name, "valid", cfg.data_dir, eos_token)
         train_idx = list(range(len(train)))
@@ -186,7 +186,7 @@ def select_rows(cfg: TrainConfig, eos_token: str) -> dict:
     chosen = [train[train_idx[i]] for i in keep]
     counts = {"dropped_unparsed": 0, "dropped_by_filter": 0, "rows_without_rationale": 0, "rows_with_rationale": 0}
     if cfg.uses_teacher:
-        samples = teacher_samples(cfg, len(train))
+        samples = teacher_samples(cfg, len(train), len(split))
         train_rows = []
         for i, ex in zip(keep, chosen):
             c = choose(samples[train_idx[i]], ex.gold, task.metric, cfg.rationale_filter, cfg.unmatched)
