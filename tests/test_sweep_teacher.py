@@ -127,7 +127,8 @@ def test_votes_kept_rows_and_provenance_in_mlflow(teacher_sweep, data_dir):
         assert run.data.tags["dsbs.teacher_split"] == "test"
 
     # the voted labels the trial trained on are the majority by equation value
-    from dsbs_ray.train import TrainConfig, select_rows
+    from dsbs_ray.data import select_rows
+    from dsbs_ray.job import TrainConfig
     run_dir = Path(teacher_sweep["tmp"] / "sweeps" / "teacher-test" / by[("dsbs-teacher", "none")].data.params["run_name"])
     rows = select_rows(TrainConfig(**json.loads((run_dir / "config.json").read_text())), "</s>")["train"]
     assert [r["id"] for r in rows] == [ex.id for ex in voted]

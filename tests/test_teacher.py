@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from dsbs_ray.errors import UserError
-from dsbs_ray.teacher import AnnotateConfig, annotate, check, embedded_teacher_path
+from dsbs_ray.embedded import smollm2_path
+from dsbs_ray.teacher import AnnotateConfig, annotate, check
 from dsbs_ray.tasks import load_examples, load_teacher_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_shutdown")]
@@ -73,7 +74,7 @@ def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
     port = _free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_teacher_path()),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path()),
          "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "2048", "--enforce-eager", "--enable-prefix-caching"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -170,7 +171,7 @@ def test_engine_placement_follows_the_cluster_not_the_drivers_torch(tmp_path, da
     import torch
 
     from dsbs_ray.teacher import cluster_gpus, engine_settings
-    from dsbs_ray.train import init_ray
+    from dsbs_ray.ray_init import init_ray
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     init_ray()

@@ -4,9 +4,13 @@ import json
 import pytest
 import torch
 
-from dsbs_ray.data import bucketed_batches, collate, shard_batch, tokenize_split
+from dsbs_ray.data import bucketed_batches, shard_batch, tokenize_split
+from dsbs_ray.families import seq2seq
+from dsbs_ray.families.seq2seq import MultiTask as MultiTaskSeq2Seq, collate
 from dsbs_ray.students import TINY_STUDENTS, count_parameters, load_student
-from dsbs_ray.train import MultiTaskSeq2Seq, load_config, multitask_loss, train
+from dsbs_ray.job import load_config
+from dsbs_ray.loss import multitask_loss
+from dsbs_ray.train import train
 
 ROWS = [
     {"id": str(i), "input": f"Tom has {i} apples and gets {i + 2} more.\nHow many now?",
@@ -16,7 +20,7 @@ ROWS = [
 
 
 def _tokens(tokenizer, dsbs=True):
-    return tokenize_split(ROWS, tokenizer, prefixes=dsbs, explain_inputs=dsbs, rationale=dsbs,
+    return tokenize_split(ROWS, tokenizer, seq2seq, prefixes=dsbs, explain_inputs=dsbs, rationale=dsbs,
                           max_input_length=128, max_target_length=64)
 
 
@@ -98,10 +102,10 @@ def test_tokenize_cache_hit_and_key(students, tmp_path, monkeypatch):
     assert len(files) == 1
     assert _tokens(tokenizer) == first and list((tmp_path / "tokens").glob("*.pt")) == files
     assert first["input_ids"][0][:9] == list(tokenizer("predict: ")["input_ids"][:9])
-    tokenize_split(ROWS, tokenizer, prefixes=True, explain_inputs=True, rationale=True,
+    tokenize_split(ROWS, tokenizer, seq2seq, prefixes=True, explain_inputs=True, rationale=True,
                    max_input_length=16, max_target_length=64)
     assert len(list((tmp_path / "tokens").glob("*.pt"))) == 2
-    short = tokenize_split(ROWS, tokenizer, prefixes=True, explain_inputs=True, rationale=True,
+    short = tokenize_split(ROWS, tokenizer, seq2seq, prefixes=True, explain_inputs=True, rationale=True,
                            max_input_length=16, max_target_length=8)
     assert max(len(x) for x in short["input_ids"]) == 16 and max(len(x) for x in short["rationale_ids"]) == 8
 

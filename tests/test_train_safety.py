@@ -10,10 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsbs_ray import train as train_mod
-from dsbs_ray.data import tokenize_split
+from dsbs_ray import backends, train as train_mod
+from dsbs_ray.data import select_rows, tokenize_split
+from dsbs_ray.families import seq2seq
+from dsbs_ray.job import data_fingerprint, load_config, resolve_paths
+from dsbs_ray.sessions import LocalSession
 from dsbs_ray.students import load_student
-from dsbs_ray.train import LocalSession, load_config, select_rows, train
+from dsbs_ray.train import train
 
 COMMON = dict(task="svamp", method="dsbs", fraction=0.1, batch_size=8, lr=1e-2, eval_limit=4, gen_max_length=4,
               max_input_length=128, max_target_length=48)
@@ -31,7 +34,7 @@ def test_no_ray_deepspeed_needs_no_launcher_and_evaluates_test_at_every_evaluati
         os.environ.pop(key, None)
     job = _job(students, data_dir, tmp_path, zero="2", max_steps=6, eval_every=2, checkpoint_every=4)
     session = LocalSession(Path(job.output_dir).resolve() / job.name())
-    metrics = train_mod.train_loop(train_mod.resolve_paths(job).model_dump(), session)
+    metrics = train_mod.train_loop(resolve_paths(job).model_dump(), session)
     assert metrics["steps"] == 6 and metrics["device"] == "cpu" and metrics["deepspeed_accelerator"] == "cpu"
     assert [h["step"] for h in session.history] == [2, 4, 6]
     assert all({"valid_accuracy", "test_accuracy", "loss"} <= set(h) for h in session.history)
@@ -49,7 +52,7 @@ def test_no_ray_takes_this_process_gpu_whatever_gpus_per_worker_says(monkeypatch
 
 def test_deepspeed_accelerator_follows_the_workers_device_not_an_inherited_env(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # e.g. inherited from a driver on a GPU box
-    assert train_mod.pin_deepspeed_accelerator(torch.device("cpu")) == "cpu"
+    assert backends.pin_deepspeed_accelerator(torch.device("cpu")) == "cpu"
     assert os.environ["DS_ACCELERATOR"] == "cpu"
 
 
@@ -113,7 +116,7 @@ def test_bf16_is_compute_only_under_deepspeed(students, data_dir, tmp_path):
     """precision bf16 with ZeRO-2: autocast compute, fp32 master weights and gradients (not DeepSpeed's
     bf16 mode, which trains bf16 weights and accumulates bf16 gradients)."""
     cfg = _job(students, data_dir, tmp_path, zero="2", precision="bf16", max_steps=2, eval_every=2)
-    ds = train_mod.deepspeed_config(cfg, bf16=True)
+    ds = backends.deepspeed_config(cfg, bf16=True)
     assert "bf16" not in ds and ds["torch_autocast"]["enabled"] and ds["torch_autocast"]["lower_precision_safe_modules"] == []
     bf16 = train(cfg, use_ray=False)
     fp32 = train(cfg.model_copy(update={"precision": "fp32", "output_dir": str(tmp_path / "fp32")}), use_ray=False)
@@ -129,12 +132,12 @@ def test_token_cache_temp_files_never_collide_across_nodes(students, tmp_path, m
     _, tokenizer = load_student(str(students["t5-tiny-s"]))
     rows = [{"id": "1", "input": "a b c", "label": "(1 + 2)"}]
     kw = dict(prefixes=False, explain_inputs=False, rationale=False, max_input_length=32, max_target_length=16)
-    tokenize_split(rows, tokenizer, **kw)
+    tokenize_split(rows, tokenizer, seq2seq, **kw)
     (path,) = (tmp_path / "cache" / "tokens").glob("*.pt")
     path.unlink()
     other = path.with_suffix(f".{os.getpid()}.tmp")  # another node's writer, same PID, mid-write
     other.write_bytes(b"the other node's half-written file")
-    out = tokenize_split(rows, tokenizer, **kw)
+    out = tokenize_split(rows, tokenizer, seq2seq, **kw)
     assert other.read_bytes() == b"the other node's half-written file"
     assert torch.load(path, weights_only=True) == out
 
@@ -173,8 +176,8 @@ def test_edited_data_is_a_new_run_never_a_stale_resume(students, data_dir, tmp_p
     assert edited["run_dir"] != first["run_dir"] and edited["resumed_from_step"] == 0
     # a method that does not read teacher outputs is not affected by them
     finetune = dict(job, method="standard")
-    assert (train_mod.resolve_paths(_job(students, data, tmp_path, **finetune)).data_fingerprint
-            == train_mod.data_fingerprint("svamp", str(data), uses_teacher=False))
+    assert (resolve_paths(_job(students, data, tmp_path, **finetune)).data_fingerprint
+            == data_fingerprint("svamp", str(data), uses_teacher=False))
 
 
 def _fetch(student: str) -> str:

@@ -1,0 +1,157 @@
+"""Decoder-only students: the embedded SmolLM2-135M-Instruct (real pretrained weights) through the
+causal family. The reference for every loss is Hugging Face's own causal-LM loss, computed row by row
+on sequences this file builds itself from the raw text."""
+import json
+
+import pytest
+import torch
+
+from dsbs_ray.data import EXPLAIN_PREFIX, PREDICT_PREFIX, prepare_data, tokenize_split
+from dsbs_ray.embedded import SMOLLM2
+from dsbs_ray.evaluate import evaluate
+from dsbs_ray.families import causal, family_of
+from dsbs_ray.job import load_config
+from dsbs_ray.loss import multitask_loss
+from dsbs_ray.students import fetch_student, load_student
+from dsbs_ray.train import train
+
+ROWS = [  # lengths vary, so every batch has padding
+    {"id": str(i), "input": "Tom has " + "many " * (i % 4) + f"apples: {i}, and gets {i + 2} more. How many now?",
+     "label": f"({i} + {i + 2})", "rationale": f"He had {i}, then {i + 2} more" + ", and more" * (i % 3) + "."}
+    for i in range(6)
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    student, tokenizer = load_student(fetch_student(SMOLLM2))
+    assert family_of(student.config) is causal
+    return student, tokenizer
+
+
+def _tokens(tokenizer, dsbs=True):
+    return tokenize_split(ROWS, tokenizer, causal, prefixes=dsbs, explain_inputs=dsbs, rationale=dsbs,
+                          max_input_length=128, max_target_length=64)
+
+
+def _hf_sums(student, tokenizer, prompts: list[str], targets: list[str]) -> tuple[float, int]:
+    """(summed token loss, target tokens) from HF's own loss, one unpadded row at a time: the prompt
+    text, the newline, then the target text and EOS, each tokenized here from its string, prompt
+    positions labelled -100."""
+    total, count = 0.0, 0
+    for prompt, target in zip(prompts, targets):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer("\n", add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([p + t])
+        labels = torch.tensor([[-100] * len(p) + t])
+        total += student(input_ids=ids, labels=labels).loss.item() * len(t)
+        count += len(t)
+    return total, count
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2])
+def test_causal_loss_equals_two_separate_hf_forward_passes(smollm2, alpha):
+    student, tokenizer = smollm2
+    batch = causal.collate(_tokens(tokenizer), list(range(len(ROWS))), causal.pad_id(tokenizer))
+    n_label = int((batch["labels"] != -100).sum())
+    n_rationale = int((batch["rationale_ids"] != -100).sum())
+    with torch.no_grad():
+        ours = multitask_loss(*causal.MultiTask(student)(**batch), alpha, n_label, n_rationale).item()
+        pred_sum, pred_n = _hf_sums(student, tokenizer, [PREDICT_PREFIX + r["input"] for r in ROWS],
+                                    [r["label"] for r in ROWS])
+        expl_sum, expl_n = _hf_sums(student, tokenizer, [EXPLAIN_PREFIX + r["input"] for r in ROWS],
+                                    [r["rationale"] for r in ROWS])
+    assert (pred_n, expl_n) == (n_label, n_rationale)  # the loss counts exactly the target tokens + EOS
+    reference = alpha * pred_sum / pred_n + (1 - alpha) * expl_sum / expl_n
+    assert abs(ours - reference) < 1e-6 * max(1.0, reference), (ours, reference)
+
+
+def test_causal_alpha_one_equals_standard_training(smollm2):
+    """alpha = 1: the same loss and gradients as training on the predict sequences alone."""
+    student, tokenizer = smollm2
+    module = causal.MultiTask(student)
+    batch = causal.collate(_tokens(tokenizer), list(range(len(ROWS))), causal.pad_id(tokenizer))
+    n_label = int((batch["labels"] != -100).sum())
+
+    def loss_and_grads(b):
+        student.zero_grad()
+        loss = multitask_loss(*module(**b), 1.0, n_label, 999)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    dsbs, g_dsbs = loss_and_grads(batch)
+    standard, g_standard = loss_and_grads({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+    student.zero_grad()
+    assert abs(dsbs - standard) < 1e-6 and len(g_dsbs) == len(g_standard)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_dsbs, g_standard))
+
+
+def test_prompt_masking_and_padding_cannot_leak_targets(smollm2):
+    student, tokenizer = smollm2
+    tokens = _tokens(tokenizer)
+    batch = causal.collate(tokens, list(range(len(ROWS))), causal.pad_id(tokenizer))
+    for i, row in enumerate(ROWS):
+        prompt, target = tokens["input_ids"][i], tokens["labels"][i]
+        n = len(prompt) + len(target)
+        # the prompt is the input alone: no label text, no EOS; the target is the label then EOS
+        assert tokenizer.decode(prompt) == PREDICT_PREFIX + row["input"] + "\n"
+        assert tokenizer.eos_token_id not in prompt and target[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(target, skip_special_tokens=True) == row["label"]
+        # labels: -100 on every prompt and padding position, the target tokens exactly where they sit
+        assert (batch["labels"][i, :len(prompt)] == -100).all() and (batch["labels"][i, n:] == -100).all()
+        assert batch["labels"][i, len(prompt):n].tolist() == target == batch["input_ids"][i, len(prompt):n].tolist()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].size(1) - n)
+    # whatever stands in the padded positions, the loss is the same: padding is masked out
+    module = causal.MultiTask(student)
+    noisy = dict(batch)
+    for key, mask in (("input_ids", "attention_mask"), ("expl_input_ids", "expl_attention_mask")):
+        noise = torch.randint(0, tokenizer.vocab_size, batch[key].shape)
+        noisy[key] = torch.where(batch[mask] == 1, batch[key], noise)
+    with torch.no_grad():
+        clean, dirty = module(**batch), module(**noisy)
+    assert all(abs(a[0].item() - b[0].item()) < 1e-4 for a, b in zip(clean, dirty))
+    # generation pads on the left: a batch decodes exactly as each row alone
+    prompts = tokens["input_ids"]
+    together = causal.generate_batch(student, tokenizer, prompts, 8, torch.device("cpu"), False)
+    alone = [causal.generate_batch(student, tokenizer, [p], 8, torch.device("cpu"), False)[0] for p in prompts]
+    assert together == alone
+
+
+def test_causal_micro_batches_add_up_to_the_global_batch(smollm2):
+    student, tokenizer = smollm2
+    tokens = _tokens(tokenizer)
+    module = causal.MultiTask(student)
+    rows = list(range(len(ROWS)))
+    n_label = sum(len(tokens["labels"][i]) for i in rows)
+    n_rat = sum(len(tokens["rationale_ids"][i]) for i in rows)
+    pad = causal.pad_id(tokenizer)
+    with torch.no_grad():
+        whole = multitask_loss(*module(**causal.collate(tokens, rows, pad)), 0.5, n_label, n_rat).item()
+        parts = sum(multitask_loss(*module(**causal.collate(tokens, m, pad)), 0.5, n_label, n_rat).item()
+                    for m in ([0, 3], [1, 4], [2, 5]))
+    assert abs(whole - parts) < 1e-5
+
+
+def test_pretrained_student_learns_on_svamp_and_is_evaluated(data_dir, tmp_path):
+    """A few dozen steps of dsbs on an SVAMP slice: the loss falls; accuracy is measured before and
+    after with the same evaluation (no bar on it: 135M parameters, 40 rows)."""
+    cfg = load_config(task="svamp", student=SMOLLM2, method="dsbs", label_source="gold", fraction=0.06,
+                      max_steps=24, batch_size=4, lr=1e-4, eval_every=12, eval_limit=16, max_input_length=128,
+                      max_target_length=64, gen_max_length=24, zero="off", data_dir=str(data_dir),
+                      output_dir=str(tmp_path), explain=True)
+    student, tokenizer = load_student(fetch_student(SMOLLM2))
+    data = prepare_data(cfg, tokenizer, causal)
+    before = evaluate(student, tokenizer, causal, data, "test", cfg, torch.device("cpu"), 0, 1, False)
+    m = train(cfg, use_ray=False)
+    print(json.dumps({"test_accuracy_before": before, "test_accuracy_after": m["accuracy"],
+                      "first_loss": m["first_loss"], "final_loss": m["final_loss"],
+                      "examples_per_s": m["examples_per_s"]}))
+    assert m["family"] == "causal" and m["parameters"] == 134_515_008 and m["steps"] == 24
+    assert m["final_loss"] < 0.8 * m["first_loss"], (m["first_loss"], m["final_loss"])
+    lines = [json.loads(line) for line in open(m["predictions"])]
+    assert len(lines) == 16 and all(isinstance(line["prediction"], str) for line in lines)
+    assert "rationale" in lines[0]
+    assert m["accuracy"] == sum(line["correct"] for line in lines) / 16
+    # the exported student is a plain HF causal LM that loads and generates
+    reloaded, _ = load_student(str(tmp_path / m["run_dir"].split("/")[-1] / "model"))
+    assert family_of(reloaded.config) is causal
