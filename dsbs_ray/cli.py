@@ -119,7 +119,9 @@ def make_tiny_students_cmd(
 @app.command("train")
 def train_cmd(
     task: str = typer.Option(..., help="Task: cqa, svamp, asdiv, esnli, anli1."),
-    student: str = typer.Option(..., help="HF seq2seq checkpoint: hub id (google/t5-v1_1-base) or local path."),
+    student: str = typer.Option(..., help="HF seq2seq or causal-LM checkpoint: hub id (google/t5-v1_1-base, "
+                                "HuggingFaceTB/SmolLM2-360M), local path, or embedded:smollm2-135m-instruct "
+                                "(shipped, pretrained)."),
     method: str = typer.Option("dsbs", help="standard | dsbs (distilling step-by-step)."),
     label_source: str = typer.Option("gold", help="gold | teacher (labels from the teacher's outputs)."),
     fraction: float = typer.Option(1.0, help="Fraction of the training split, in (0, 1]."),

@@ -60,20 +60,24 @@ def check_student(student: str) -> None:
             raise UserError(f"student {student}: unknown embedded student (known: {', '.join(EMBEDDED_STUDENTS)})")
         resolve_student(student)  # converted now, so a missing package is one line before any worker starts
         return
+    from transformers import AutoConfig
+
+    from dsbs_ray.families import check_family
+
     path = Path(student)
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"student {student}: no config.json in that directory (not an HF checkpoint)")
+        check_family(AutoConfig.from_pretrained(path), student)
         return
     if student.startswith((".", "/", "~")) or student.count("/") != 1:
         raise UserError(f"student checkpoint {student} does not exist")
-    from transformers import AutoConfig
-
     try:  # a hub id such as google/t5-v1_1-base: found in the local HF cache or on the hub
-        AutoConfig.from_pretrained(student)
+        config = AutoConfig.from_pretrained(student)
     except (OSError, ValueError) as e:
         raise UserError(f"student {student}: not a local path and not loadable from the HF hub "
                         f"({str(e).splitlines()[0]})") from None
+    check_family(config, student)
 
 
 def fetch_student(student: str) -> str:

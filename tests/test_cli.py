@@ -109,6 +109,16 @@ def test_train_missing_student(data_dir, tmp_path):
     _assert_one_line_error(r, str(tmp_path / "no-such-student"))
 
 
+def test_train_student_of_no_known_family_and_unknown_embedded_name(data_dir, tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    r = dsbs("train", "--task", "svamp", "--student", str(tmp_path / "vit"), "--data-dir", str(data_dir))
+    _assert_one_line_error(r, str(tmp_path / "vit"), "'vit'", "neither a seq2seq LM nor a causal LM")
+    r = dsbs("train", "--task", "svamp", "--student", "embedded:gpt-17", "--data-dir", str(data_dir))
+    _assert_one_line_error(r, "embedded:gpt-17", "embedded:smollm2-135m-instruct")
+
+
 def test_train_method_needing_missing_teacher_outputs(students, data_dir):
     r = dsbs("train", "--task", "esnli", "--student", str(students["t5-tiny-s"]), "--method", "standard",
              "--label-source", "teacher", "--data-dir", str(data_dir))

@@ -15,6 +15,7 @@ The loop, the backends and the sessions never look inside a family.
 
 from __future__ import annotations
 
+from dsbs_ray.errors import UserError
 from dsbs_ray.families import causal, seq2seq
 
 FAMILIES = {seq2seq.NAME: seq2seq, causal.NAME: causal}
@@ -30,3 +31,15 @@ def family_for(student: str):
     from transformers import AutoConfig
 
     return family_of(AutoConfig.from_pretrained(student))
+
+
+def check_family(config, student: str) -> None:
+    """One line, before any worker starts, for a checkpoint that is neither a seq2seq nor a causal LM."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    known = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if family_of(config) is seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.model_type not in known:
+        raise UserError(f"student {student}: a {config.model_type!r} model is neither a seq2seq LM nor a causal LM "
+                        "(what AutoModelForSeq2SeqLM / AutoModelForCausalLM load)")
