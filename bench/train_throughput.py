@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import tempfile
 import time
+
+from _isolated import run_isolated
 
 
 def _config(args, student_path: str, output_dir: str):
@@ -98,16 +99,6 @@ def run_paper_baseline(args, student_path: str, queue):
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def measure(target, args, student_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(args, student_path, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", default="t5-tiny-m", help="tiny student name (see dsbs make-tiny-students)")
@@ -129,9 +120,9 @@ def main():
             args.batch_size, args.steps = batch_size, max(5, args.examples // batch_size)
             print(f"student {args.student}, CQA, batch {batch_size}, {args.steps} steps, inputs <= "
                   f"{args.max_input_length} tokens, fp32, {torch.get_num_threads()} threads", flush=True)
-            baseline = measure(run_paper_baseline, args, path)
+            baseline = run_isolated(run_paper_baseline, args, path)
             print("  paper-style baseline:", json.dumps(baseline), flush=True)
-            ours = measure(run_ours, args, path)
+            ours = run_isolated(run_ours, args, path)
             print("  dsbs-ray:            ", json.dumps(ours), flush=True)
             ratios[batch_size] = ours["examples_per_s"] / baseline["examples_per_s"]
             print(f"  batch {batch_size}: examples/s ours {ours['examples_per_s']:.2f} vs baseline "
