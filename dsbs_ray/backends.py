@@ -64,16 +64,21 @@ class TorchBackend:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, directory: Path, rank: int):
+    def save(self, directory: Path, rank: int, last: bool = False):
+        """The last step's checkpoint holds the weights only: nothing trains after it (max_steps is in
+        the run name), and AdamW's state is twice the weights (1 GB of 1.6 for SmolLM2-135M)."""
         if rank == 0:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, directory / "state.pt")
+            state = {"model": self.module.state_dict()}
+            if not last:
+                state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            torch.save(state, directory / "state.pt")
 
     def load(self, directory: Path):
         state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def full_state_dict(self, rank: int) -> dict | None:
         return self.module.student.state_dict() if rank == 0 else None
@@ -125,8 +130,8 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def save(self, directory: Path, rank: int):
-        self.engine.save_checkpoint(str(directory), tag="state")
+    def save(self, directory: Path, rank: int, last: bool = False):
+        self.engine.save_checkpoint(str(directory), tag="state")  # always whole: ZeRO keeps weights in its shards
 
     def load(self, directory: Path):
         self.engine.load_checkpoint(str(directory), tag="state")

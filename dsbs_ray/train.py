@@ -128,7 +128,7 @@ def train_loop(config: dict, session=None) -> dict | None:
             session.report(metrics, None)
             return
         with tempfile.TemporaryDirectory(prefix="dsbs_ckpt_") as d:
-            backend.save(Path(d), rank)
+            backend.save(Path(d), rank, last=metrics["step"] == cfg.max_steps)
             if rank == 0:
                 (Path(d) / "trainer_state.json").write_text(json.dumps({"step": metrics["step"], "layout": layout}))
             has_files = any(Path(d).iterdir())

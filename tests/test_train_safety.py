@@ -41,6 +41,23 @@ def test_no_ray_deepspeed_needs_no_launcher_and_evaluates_test_at_every_evaluati
     assert sorted(p.name for p in (session.run_dir / "checkpoints").iterdir()) == ["step_4", "step_6"]
 
 
+def test_the_last_checkpoint_holds_the_weights_only_and_a_rerun_scores_the_same(students, data_dir, tmp_path):
+    """Plain torch: a mid-run checkpoint carries AdamW's state (to resume training); the last one only
+    the weights (nothing trains after it). A rerun of the finished job resumes there and scores the same."""
+    job = _job(students, data_dir, tmp_path, zero="off", max_steps=4, eval_every=2, checkpoint_every=2)
+    first = train(job, use_ray=False)
+    ckpts = Path(first["run_dir"]) / "checkpoints"
+    assert set(torch.load(ckpts / "step_2" / "state.pt", weights_only=True)) == {"model", "optimizer", "scheduler"}
+    assert set(torch.load(ckpts / "step_4" / "state.pt", weights_only=True)) == {"model"}
+    again = train(job, use_ray=False)
+    assert again["resumed_from_step"] == 4 and again["run_dir"] == first["run_dir"]
+    assert (again["accuracy"], again["valid_accuracy"]) == (first["accuracy"], first["valid_accuracy"])
+    saved = load_file(Path(first["run_dir"]) / "model" / "model.safetensors")  # the exported student
+    last = {k.removeprefix("student."): v for k, v in
+            torch.load(ckpts / "step_4" / "state.pt", weights_only=True)["model"].items()}
+    assert saved and all(torch.equal(v, last[k]) for k, v in saved.items())
+
+
 def test_no_ray_takes_this_process_gpu_whatever_gpus_per_worker_says(monkeypatch):
     """--no-ray trains on this process's GPU when it has one (gpus_per_worker is a Ray resource)."""
     session = LocalSession(Path("unused"))
