@@ -136,7 +136,7 @@ def test_pretrained_student_learns_on_svamp_and_is_evaluated(data_dir, tmp_path)
     """A few dozen steps of dsbs on an SVAMP slice: the loss falls; accuracy is measured before and
     after with the same evaluation (no bar on it: 135M parameters, 22 rows, two epochs)."""
     cfg = load_config(task="svamp", student=SMOLLM2, method="dsbs", label_source="gold", fraction=0.03,
-                      max_steps=24, batch_size=2, lr=1e-4, eval_every=12, eval_limit=16, max_input_length=128,
+                      max_steps=24, batch_size=2, lr=1e-4, eval_every=12, eval_limit=10, max_input_length=128,
                       max_target_length=64, gen_max_length=24, zero="off", data_dir=str(data_dir),
                       output_dir=str(tmp_path), explain=True)
     student, tokenizer = load_student(fetch_student(SMOLLM2))
@@ -149,9 +149,9 @@ def test_pretrained_student_learns_on_svamp_and_is_evaluated(data_dir, tmp_path)
     assert m["family"] == "causal" and m["parameters"] == 134_515_008 and m["steps"] == 24
     assert m["final_loss"] < 0.8 * m["first_loss"], (m["first_loss"], m["final_loss"])
     lines = [json.loads(line) for line in open(m["predictions"])]
-    assert len(lines) == 16 and all(isinstance(line["prediction"], str) for line in lines)
+    assert len(lines) == 10 and all(isinstance(line["prediction"], str) for line in lines)
     assert "rationale" in lines[0]
-    assert m["accuracy"] == sum(line["correct"] for line in lines) / 16
+    assert m["accuracy"] == sum(line["correct"] for line in lines) / 10
     # the exported student is a plain HF causal LM that loads and generates
     reloaded, _ = load_student(str(tmp_path / m["run_dir"].split("/")[-1] / "model"))
     assert family_of(reloaded.config) is causal
