@@ -18,8 +18,6 @@ from __future__ import annotations
 from dsbs_ray.errors import UserError
 from dsbs_ray.families import causal, seq2seq
 
-FAMILIES = {seq2seq.NAME: seq2seq, causal.NAME: causal}
-
 
 def family_of(config):
     """The family of an HF model config: encoder-decoder models are seq2seq, the rest causal LMs."""
