@@ -125,13 +125,14 @@ def count_parameters(model) -> int:
 def estimate_parameters(student: str) -> int | None:
     """Parameter count from the config alone (a meta-device model: no weights read), None if unknown."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
+
+    from dsbs_ray.families import family_of
 
     try:
         config = AutoConfig.from_pretrained(resolve_student(student))
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         with torch.device("meta"):
-            model = auto.from_config(config)
+            model = family_of(config).auto_class().from_config(config)
     except (OSError, ValueError):
         return None
     return count_parameters(model)

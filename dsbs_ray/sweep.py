@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray.annotations import DEFAULT_STORE
 from dsbs_ray.errors import UserError, build
+from dsbs_ray.job import TrainConfig, load_config, resolve_paths, student_name, validate
 from dsbs_ray.locks import hold
 from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.tasks import get_task, read_yaml
 from dsbs_ray.teacher import TeacherSpec
-from dsbs_ray.job import TrainConfig, load_config, resolve_paths, student_name, validate
 
 Teacher = Literal["released"] | TeacherSpec  # released: the TASK/llm/ outputs in the data dir
 

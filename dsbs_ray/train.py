@@ -34,8 +34,8 @@ from dsbs_ray.families import family_for, family_of
 from dsbs_ray.job import TrainConfig, resolve_paths, validate
 from dsbs_ray.locks import hold
 from dsbs_ray.loss import multitask_loss
-from dsbs_ray.sessions import LocalSession, RaySession
 from dsbs_ray.ray_init import init_ray
+from dsbs_ray.sessions import LocalSession, RaySession
 from dsbs_ray.students import count_parameters, fetch_student, load_student, load_tokenizer, resolve_student
 
 
@@ -209,7 +209,8 @@ def train_loop(config: dict, session=None) -> dict | None:
     if rank != 0:
         return None
     return {
-        "task": cfg.task, "student": cfg.student, "family": family.NAME, "method": cfg.method, "label_source": cfg.label_source,
+        "task": cfg.task, "student": cfg.student, "family": family.NAME, "method": cfg.method,
+        "label_source": cfg.label_source,
         "fraction": cfg.fraction, "seed": cfg.seed, "parameters": parameters,
         "train_rows": len(tokens["labels"]), "dropped_unparsed": data["rows"]["dropped_unparsed"],
         "rows_without_rationale": data["rows"]["rows_without_rationale"],
@@ -241,7 +242,8 @@ def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
     cfg.workers Ray Train workers, or in this process when use_ray is False."""
     cfg = resolve_paths(cfg)
     validate(cfg)
-    prepare_data(cfg, load_tokenizer(cfg.student), family_for(resolve_student(cfg.student)))  # fills the token cache once; fails early on bad data
+    # fills the token cache once; fails early on bad data
+    prepare_data(cfg, load_tokenizer(cfg.student), family_for(resolve_student(cfg.student)))
     if not use_ray and cfg.workers != 1:
         raise UserError("workers: more than one worker needs Ray (drop --no-ray)")
     with hold(Path(cfg.output_dir) / cfg.name(), "run of this job", "output_dir"):  # its checkpoints are one run's

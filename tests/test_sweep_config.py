@@ -57,6 +57,9 @@ def test_teachers_are_an_axis_and_each_names_its_store_entry(tmp_path):
     ("name: x\ntasks: [svamp]\nstudents: [{id: a, gpu: 1}]\nfractions: [1.0]\nmethods: [finetune]\n",
      "students.0.gpu: unknown key"),
     ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [kd]\n", "methods.0"),
+    ("name: x\ntasks: [svamp]\nstudents: [{id: a, lr: 0}]\nfractions: [1.0]\nmethods: [finetune]\n", "students.0.lr"),
+    ("name: x\ntasks: [svamp]\nstudents: [{id: a, max_steps: 0}]\nfractions: [1.0]\nmethods: [finetune]\n",
+     "students.0.max_steps"),
     ("name: x\ntasks: [gsm8k]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [finetune]\n", "unknown task"),
     ("name: x\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.5]\nmethods: [finetune]\n", "fraction"),
     ("name: \"it's mine\"\ntasks: [svamp]\nstudents: [{id: a}]\nfractions: [1.0]\nmethods: [finetune]\n", "name"),
@@ -119,6 +122,7 @@ def _closed_port() -> int:
     ({"tracking_uri": "sqlite:////nonexistent/dir/mlflow.db"}, "tracking_uri: directory /nonexistent/dir"),
     ({"tracking_uri": "file:///tmp/mlruns"}, "file store"),
     ({"methods": ["dsbs-teacher"], "data_dir": "{tmp}/no_teacher"}, "svamp/llm/train_CoT_0.json (teacher outputs)"),
+    ({"students": [{"id": "embedded:gpt-17"}]}, "student embedded:gpt-17: unknown embedded student"),
 ])
 def test_bad_sweeps_fail_before_any_trial(tmp_path, students, data_dir, override, needle):
     """Each mistake is one line on stderr, exit 2, and nothing launched (no Tune dir, no MLflow store)."""

@@ -1,6 +1,7 @@
 """Student families. A family is one small module with the same names:
 
     NAME                                  how runs and reports call it
+    auto_class()                          the transformers Auto class its models load with
     load(path, device_type)               the HF model, fp32 master weights
     nli_join(tokenizer)                   what stands between an NLI premise and hypothesis
     encode_prompts(tokenizer, texts, n)   token ids of `predict: x` / `explain: x` (what the model conditions on)
@@ -37,7 +38,8 @@ def check_family(config, student: str) -> None:
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
-    known = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if family_of(config) is seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    known = (MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if family_of(config) is seq2seq
+             else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     if config.model_type not in known:
         raise UserError(f"student {student}: a {config.model_type!r} model is neither a seq2seq LM nor a causal LM "
                         "(what AutoModelForSeq2SeqLM / AutoModelForCausalLM load)")

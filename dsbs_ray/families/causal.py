@@ -23,11 +23,15 @@ PROMPT_END = "\n"  # separates the prompt from the target; tokenized on its own,
 PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "smollm3"}
 
 
-def load(path: str, device_type: str = "cpu"):
-    """fp32 weights whatever the checkpoint's dtype (they are AdamW's master weights)."""
+def auto_class():
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM
+
+
+def load(path: str, device_type: str = "cpu"):
+    """fp32 weights whatever the checkpoint's dtype (they are AdamW's master weights)."""
+    return auto_class().from_pretrained(path, dtype=torch.float32)
 
 
 def pad_id(tokenizer) -> int:

@@ -12,14 +12,18 @@ from dsbs_ray.loss import token_loss_sums
 NAME = "seq2seq"
 
 
+def auto_class():
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM
+
+
 def load(path: str, device_type: str = "cpu"):
     """fp32 weights whatever the checkpoint's dtype (they are AdamW's master weights). On CPU, T5 gets
     eager attention: its relative position bias keeps the fused SDPA kernels from helping, and eager
     measured ~3 % faster per training step here."""
-    from transformers import AutoModelForSeq2SeqLM
-
     kwargs = {"attn_implementation": "eager"} if device_type == "cpu" else {}
-    return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    return auto_class().from_pretrained(path, dtype=torch.float32, **kwargs)
 
 
 def nli_join(tokenizer) -> str:
