@@ -240,8 +240,10 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(students, 
     import sys
     import time
 
+    steps = 300  # ~17 s of training: the first run must outlive the second's start-up (~7 s), or both finish
     cmd = [sys.executable, "-m", "dsbs_ray", "train", "--task", "svamp", "--student", str(students["t5-tiny-s"]),
-           "--fraction", "0.1", "--max-steps", "30", "--batch-size", "8", "--eval-every", "30", "--eval-limit", "4",
+           "--fraction", "0.1", "--max-steps", str(steps), "--batch-size", "8", "--eval-every", str(steps),
+           "--eval-limit", "4",
            "--gen-max-length", "4", "--max-input-length", "128", "--max-target-length", "48", "--zero", "off",
            "--no-ray", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -254,7 +256,7 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(students, 
     out, err = first.communicate(timeout=300)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
     assert "in use by another run of this job" in second.stderr and f"pid {first.pid} " in second.stderr
-    assert first.returncode == 0 and json.loads(out.strip().splitlines()[-1])["steps"] == 30, err[-2000:]
+    assert first.returncode == 0 and json.loads(out.strip().splitlines()[-1])["steps"] == steps, err[-2000:]
 
 
 def test_no_ray_with_several_workers_is_one_line_before_anything_is_written(students, data_dir, tmp_path):
