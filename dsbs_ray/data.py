@@ -101,6 +101,19 @@ def teacher_samples(cfg: TrainConfig, n_rows: int, n_split: int) -> list[list[Pa
     return [[task.parse(o)] for o in outputs[:n_rows]]
 
 
+def fraction_split(cfg: TrainConfig, split: list, load_valid) -> tuple[list, list, list[int]]:
+    """(train rows, valid rows, indices into train of the fraction's rows): the first train_limit rows
+    of the split, validation carved from them (or load_valid() where the task has its own), then the
+    nested fraction of the rest. The one place that decides which rows a job reads."""
+    train = split[:cfg.train_limit]
+    if get_task(cfg.task).has_valid:
+        valid, train_idx = load_valid(), list(range(len(train)))
+    else:
+        train_idx, valid_idx = carve_validation(len(train))
+        valid = [train[i] for i in valid_idx]
+    return train, valid, [train_idx[i] for i in fraction_indices(len(train_idx), cfg.fraction, cfg.seed)]
+
+
 def select_rows(cfg: TrainConfig, nli_join: str) -> dict:
     """Train/valid/test rows for a job: train rows carry the label (gold, or the teacher's vote) and,
     for dsbs, the rationale the filter keeps (dsbs_ray.rationales).
@@ -112,21 +125,14 @@ def select_rows(cfg: TrainConfig, nli_join: str) -> dict:
     premise and hypothesis in the student's input (the student family's choice)."""
     task = get_task(cfg.task)
     split = load_examples(task.name, "train", cfg.data_dir, nli_join)
-    train = split[:cfg.train_limit]
-    if task.has_valid:
-        valid = load_examples(task.name, "valid", cfg.data_dir, nli_join)
-        train_idx = list(range(len(train)))
-    else:
-        train_idx, valid_idx = carve_validation(len(train))
-        valid = [train[i] for i in valid_idx]
-    keep = fraction_indices(len(train_idx), cfg.fraction, cfg.seed)
-    chosen = [train[train_idx[i]] for i in keep]
+    train, valid, used = fraction_split(cfg, split, lambda: load_examples(task.name, "valid", cfg.data_dir, nli_join))
+    chosen = [train[i] for i in used]
     counts = {"dropped_unparsed": 0, "dropped_by_filter": 0, "rows_without_rationale": 0, "rows_with_rationale": 0}
     if cfg.uses_teacher:
         samples = teacher_samples(cfg, len(train), len(split))
         train_rows = []
-        for i, ex in zip(keep, chosen):
-            c = choose(samples[train_idx[i]], ex.gold, task.metric, cfg.rationale_filter, cfg.unmatched)
+        for i, ex in zip(used, chosen):
+            c = choose(samples[i], ex.gold, task.metric, cfg.rationale_filter, cfg.unmatched)
             if cfg.label_source == "teacher" and not c.teacher_ok:
                 counts["dropped_unparsed"] += 1
             elif not c.keep:
@@ -231,6 +237,17 @@ def length_key(tokens: dict, i: int) -> tuple[int, int]:
     attention grows with its square; measured on CQA it pads least), then target length."""
     target = tokens["rationale_ids"][i] if "rationale_ids" in tokens else tokens["labels"][i]
     return len(tokens["input_ids"][i]), len(target)
+
+
+def trained_tokens(tokens: dict, rows: list[int]) -> int:
+    """Tokens a step trains on for these rows: each task's prompt and target, no padding (a row
+    without a rationale trains no explain task). The cost ledger's unit of training work."""
+    total = 0
+    for i in rows:
+        total += len(tokens["input_ids"][i]) + len(tokens["labels"][i])
+        if tokens.get("rationale_ids") and tokens["rationale_ids"][i]:
+            total += len(tokens["expl_input_ids"][i]) + len(tokens["rationale_ids"][i])
+    return total
 
 
 def bucketed_batches(keys: list[tuple], batch_size: int, seed: int, epoch: int, min_size: int = 1,

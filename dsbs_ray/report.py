@@ -12,6 +12,9 @@ import pandas as pd
 from dsbs_ray.errors import UserError
 
 METHOD_ORDER = ["finetune", "distill", "dsbs-gold", "dsbs-teacher"]
+COST_COLUMNS = ("cost_usd", "cost_training_usd", "cost_teacher_usd", "accelerator_seconds", "train_tokens",
+                "teacher_tokens")
+BOOTSTRAP_RESAMPLES = 2000
 METHOD_STYLE = {"finetune": ("tab:blue", "o"), "distill": ("tab:orange", "s"),
                 "dsbs-gold": ("tab:green", "^"), "dsbs-teacher": ("tab:red", "D")}
 
@@ -42,7 +45,8 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
                      "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
                      "eval_limit": int(p["eval_limit"]) if p.get("eval_limit") else None,
                      "data_dir": p.get("data_dir"), "run_name": p.get("run_name", r.info.run_name),
-                     "end_time": r.info.end_time or 0})
+                     "run_id": r.info.run_id, "end_time": r.info.end_time or 0}
+                    | {k: m.get(k) for k in COST_COLUMNS})
     if not rows:
         raise UserError(f"experiment {experiment!r} has no finished trial runs to report on")
     df = pd.DataFrame(rows).sort_values("end_time")
@@ -87,29 +91,111 @@ def teacher_lines(df: pd.DataFrame) -> dict:
     return lines
 
 
+CELL = ["task", "teacher", "student", "family", "parameters", "method", "fraction"]
+
+
+def t_interval(values) -> float | None:
+    """Half-width of the 95 % t interval of the mean over seeds; None with fewer than two."""
+    import numpy as np
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean (and spread) of accuracy over seeds per task x student x method x fraction."""
-    g = df.groupby(["task", "teacher", "student", "family", "parameters", "method", "fraction"], as_index=False)
-    out = g.agg(accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"))
-    out["accuracy_std"] = out["accuracy_std"].fillna(0.0)
+    """Per task x teacher x student x method x fraction: mean accuracy over seeds, its 95 % interval
+    (ci95: half-width; NaN with one seed), the seeds, and the mean cost (USD) of a trial."""
+    cells = []
+    for key, g in df.groupby(CELL):
+        cost = g.cost_usd.dropna() if "cost_usd" in g else pd.Series(dtype=float)
+        cells.append(dict(zip(CELL, key)) | {"accuracy": g.accuracy.mean(), "ci95": t_interval(g.accuracy),
+                                             "seeds": g.seed.nunique(), "cost_usd": cost.mean() if len(cost) else None})
+    out = pd.DataFrame(cells)
+    out["ci95"] = out["ci95"].astype(float)
+    out["cost_usd"] = out["cost_usd"].astype(float)
     return out.sort_values(["task", "teacher", "parameters", "method", "fraction"]).reset_index(drop=True)
+
+
+def _correct_by_row(c, run_ids: list[str]) -> dict[str, float]:
+    """Per test row id: the share of these runs (one per seed) that got it right, from their
+    logged predictions files."""
+    import json
+    import os
+    import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
+    hits: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="dsbs_predictions_") as d:
+        for i, run_id in enumerate(run_ids):
+            try:
+                path = c.download_artifacts(run_id, "predictions_test.jsonl", f"{d}/{i}")
+            except Exception:  # noqa: BLE001 - a run without its predictions is left out of the pairing
+                continue
+            with open(path) as f:
+                for line in f:
+                    row = json.loads(line)
+                    hits.setdefault(str(row["id"]), []).append(int(bool(row["correct"])))
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def paired_differences(df: pd.DataFrame, uri: str, resamples: int = BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
+    """Per task, teacher, student and fraction: each dsbs method (and filter) against finetune on the
+    same test rows, as the mean paired difference of correctness (rows' correctness averaged over
+    seeds first) with a 95 % percentile-bootstrap interval over the rows."""
+    import numpy as np
+
+    from dsbs_ray import tracking
+
+    c = tracking.client(uri)
+    rows = []
+    for (task, teacher, student, fraction), cells in df.groupby(["task", "teacher", "student", "fraction"]):
+        base = cells[cells.method == "finetune"]
+        if base.empty:
+            continue
+        base_hits = _correct_by_row(c, list(base.run_id))
+        for method in _methods(cells):
+            if not method.startswith("dsbs"):
+                continue
+            runs = cells[cells.method == method]
+            hits = _correct_by_row(c, list(runs.run_id))
+            ids = sorted(set(hits) & set(base_hits))
+            if not ids:
+                continue
+            diff = np.array([hits[i] - base_hits[i] for i in ids])
+            rng = np.random.default_rng(0)
+            boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+            rows.append({"task": task, "teacher": teacher, "student": student, "fraction": fraction, "method": method,
+                         "rows": len(ids), "seeds": int(min(runs.seed.nunique(), base.seed.nunique())),
+                         "difference": float(diff.mean()), "low": float(np.percentile(boot, 2.5)),
+                         "high": float(np.percentile(boot, 97.5))})
+    return pd.DataFrame(rows, columns=["task", "teacher", "student", "fraction", "method", "rows", "seeds",
+                                       "difference", "low", "high"])
 
 
 def frontier(summary: pd.DataFrame, teacher: dict) -> pd.DataFrame:
     """Per task, teacher and method: the smallest student (then the smallest fraction) whose accuracy
-    beats that teacher's."""
+    beats that teacher's, and the cheapest configuration (total cost of a trial) that beats it."""
     rows = []
     for (task, name, method), cells in summary.groupby(["task", "teacher", "method"]):
         t = teacher.get((task, name), (None, None))[0]
         best = cells.loc[cells.accuracy.idxmax()]
         row = {"task": task, "teacher": name, "method": method, "teacher_accuracy": t, "student": None, "parameters": None,
-               "fraction": None, "accuracy": None, "best_accuracy": best.accuracy}
+               "fraction": None, "accuracy": None, "cost_usd": None, "cheapest_student": None, "cheapest_fraction": None,
+               "cheapest_accuracy": None, "cheapest_cost_usd": None, "best_accuracy": best.accuracy}
         if t is not None:
             winners = cells[cells.accuracy > t].sort_values(["parameters", "fraction"])
             if len(winners):
                 w = winners.iloc[0]
                 row |= {"student": f"{w.student} ({w.family})", "parameters": int(w.parameters), "fraction": w.fraction,
-                        "accuracy": w.accuracy}
+                        "accuracy": w.accuracy, "cost_usd": w.cost_usd}
+                priced = winners.dropna(subset=["cost_usd"]).sort_values(["cost_usd", "parameters", "fraction"])
+                if len(priced):
+                    p = priced.iloc[0]
+                    row |= {"cheapest_student": f"{p.student} ({p.family})", "cheapest_fraction": p.fraction,
+                            "cheapest_accuracy": p.accuracy, "cheapest_cost_usd": p.cost_usd}
         rows.append(row)
     out = pd.DataFrame(rows)
     out["method"] = pd.Categorical(out["method"], _methods(out))
@@ -131,13 +217,15 @@ def _pyplot():
     return plt
 
 
-def _method_lines(ax, cells: pd.DataFrame, x: str, scale: float = 1.0):
-    """A line per method: accuracy (%) against column x, seed spread as error bars."""
+def _method_lines(ax, cells: pd.DataFrame, x: str, scale: float = 1.0, line: bool = True):
+    """A line (or points) per method: accuracy (%) against column x, the 95 % interval over seeds as
+    error bars (none with one seed)."""
     for method in _methods(cells):
-        m = cells[cells.method == method].sort_values(x)
+        m = cells[cells.method == method].dropna(subset=[x]).sort_values(x)
         color, marker = METHOD_STYLE.get(method.split(" · ")[0], (None, "x"))
-        ax.errorbar(m[x] * scale, m.accuracy * 100, yerr=m.accuracy_std * 100, label=method, color=color,
-                    marker=marker, capsize=3, linestyle="-" if " · " not in method else ":")
+        style = ("-" if " · " not in method else ":") if line else "none"
+        ax.errorbar(m[x] * scale, m.accuracy * 100, yerr=m.ci95.fillna(0.0) * 100, label=method, color=color,
+                    marker=marker, capsize=3, linestyle=style)
 
 
 def _teacher_line(ax, panel: tuple, teacher: dict):
@@ -180,64 +268,154 @@ def plot_fraction(summary: pd.DataFrame, teacher: dict, path: Path) -> None:
     _save(fig, axes, path)
 
 
-def plot_size(summary: pd.DataFrame, teacher: dict, path: Path) -> None:
-    """Accuracy vs student size per method, at each task's largest data fraction: a panel per task x teacher."""
+def _panel_row(summary: pd.DataFrame, teacher: dict, path: Path, draw) -> None:
+    """A row of panels, one per task x teacher: draw(ax, cells) plots the cells and returns (title,
+    x label); the teacher's line, labels and grid are the same for all."""
     plt = _pyplot()
     panels = _panels(summary)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (task, name) in zip(axes[0], panels):
-        cells = summary[(summary.task == task) & (summary.teacher == name)]
-        full = cells.fraction.max()
-        _method_lines(ax, cells[cells.fraction == full], "parameters")
+        title, xlabel = draw(ax, summary[(summary.task == task) & (summary.teacher == name)])
         _teacher_line(ax, (task, name), teacher)
-        ax.set_xscale("log")
-        ax.set_title(f"{task} · {name} · {full * 100:g}% of the training data", fontsize=9)
-        ax.set_xlabel("student parameters")
+        ax.set_title(f"{task} · {name} · {title}", fontsize=9)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     _save(fig, axes, path)
+
+
+def plot_size(summary: pd.DataFrame, teacher: dict, path: Path) -> None:
+    """Accuracy vs student size per method, at each task's largest data fraction: a panel per task x teacher."""
+    def draw(ax, cells):
+        full = cells.fraction.max()
+        _method_lines(ax, cells[cells.fraction == full], "parameters")
+        ax.set_xscale("log")
+        return f"{full * 100:g}% of the training data", "student parameters"
+    _panel_row(summary, teacher, path, draw)
+
+
+def plot_cost(summary: pd.DataFrame, teacher: dict, path: Path) -> None:
+    """Accuracy against the total cost of a trial (teacher + training, USD), a point per student x
+    fraction and method: a panel per task x teacher."""
+    def draw(ax, cells):
+        _method_lines(ax, cells, "cost_usd", line=False)
+        if (cells.cost_usd > 0).any():
+            ax.set_xscale("log")
+        return "accuracy vs cost", "cost of a trial, teacher + training (USD)"
+    _panel_row(summary, teacher, path, draw)
+
+
+def _usd(x) -> str:
+    if x is None or pd.isna(x):
+        return "—"
+    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
+
+
+def _ci(x) -> str:
+    return "1 seed" if x is None or pd.isna(x) else f"±{100 * x:.1f}"
 
 
 def _pct(x) -> str:
     return "—" if x is None or pd.isna(x) else f"{100 * x:.1f}"
 
 
-def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict,
-             n_runs: int, eval_limit: int | None = None) -> str:
+FIGURES = (("accuracy vs data fraction", "accuracy_vs_fraction.png"), ("accuracy vs student size", "accuracy_vs_size.png"),
+           ("accuracy vs cost", "accuracy_vs_cost.png"))
+
+
+def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict, paired: pd.DataFrame,
+             n_runs: int, eval_limit: int | None = None, prices: str | None = None) -> str:
     scope = f"the first {eval_limit} rows of the test split" if eval_limit else "the test split"
+    seeds = int(summary.seeds.max()) if len(summary) else 0
     lines = [f"# Sweep report: {experiment}", "",
              f"{n_runs} finished trial runs; student accuracy in % on {scope} (mean over seeds); "
-             "the teacher's (its vote, with several samples) on the split named beside it.", "",
-             "## Frontier: the smallest student and data fraction that beat the teacher", "",
-             "| task | teacher | method | teacher accuracy | smallest student | parameters | data | accuracy | best seen |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "the teacher's (its vote, with several samples) on the split named beside it. Cost: a trial's ledger "
+             "(its accelerator time, plus the teacher tokens of the rows it read) in USD"
+             + (f" at {prices}." if prices else "."), "",
+             ("Intervals: 95 % t intervals of the mean over seeds." if seeds > 1 else
+              "**One seed per cell: no interval over seeds** (run two or more `seeds` for 95 % intervals); "
+              "the paired differences below have bootstrap intervals over the test rows only."), "",
+             "## Frontier: the smallest student, and the cheapest configuration, that beat the teacher", "",
+             "| task | teacher | method | teacher accuracy | smallest student | parameters | data | accuracy | cost | "
+             "cheapest that beats it | data | accuracy | cost | best seen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in front.itertuples():
         split = teacher.get((r.task, r.teacher), (None, None))[1]
         t = "unknown" if r.teacher_accuracy is None or pd.isna(r.teacher_accuracy) else \
             f"{_pct(r.teacher_accuracy)} ({split})"
         if r.student is None or pd.isna(r.student):
-            lines.append(f"| {r.task} | {r.teacher} | {r.method} | {t} | none beats it | — | — | — | "
-                         f"{_pct(r.best_accuracy)} |")
-        else:
-            lines.append(f"| {r.task} | {r.teacher} | {r.method} | {t} | {r.student} | {int(r.parameters):,} | "
-                         f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.best_accuracy)} |")
-    lines += ["", "## Figures", "", "![accuracy vs data fraction](accuracy_vs_fraction.png)", "",
-              "![accuracy vs student size](accuracy_vs_size.png)", "", "## All results", "",
-              "| task | teacher | student | family | parameters | method | data | accuracy | ± | seeds |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(f"| {r.task} | {r.teacher} | {r.method} | {t} | none beats it | — | — | — | — | "
+                         f"none beats it | — | — | — | {_pct(r.best_accuracy)} |")
+            continue
+        cheapest = ("not priced | — | — | —" if r.cheapest_student is None or pd.isna(r.cheapest_student) else
+                    f"{r.cheapest_student} | {r.cheapest_fraction * 100:g}% | {_pct(r.cheapest_accuracy)} | "
+                    f"{_usd(r.cheapest_cost_usd)}")
+        lines.append(f"| {r.task} | {r.teacher} | {r.method} | {t} | {r.student} | {int(r.parameters):,} | "
+                     f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_usd(r.cost_usd)} | {cheapest} | "
+                     f"{_pct(r.best_accuracy)} |")
+    lines += ["", "## Distilling step-by-step against finetuning, paired over test rows", "",
+              "Mean difference in test accuracy (points), each row's correctness averaged over seeds, with a 95 % "
+              f"percentile-bootstrap interval over the rows ({BOOTSTRAP_RESAMPLES} resamples).", "",
+              "| task | teacher | student | data | method | rows | seeds | dsbs − finetune | 95 % interval |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in paired.itertuples():
+        lines.append(f"| {r.task} | {r.teacher} | {r.student} | {r.fraction * 100:g}% | {r.method} | {r.rows} | "
+                     f"{r.seeds} | {100 * r.difference:+.1f} | [{100 * r.low:+.1f}, {100 * r.high:+.1f}] |")
+    if paired.empty:
+        lines.append("| (no cell has both finetune and a dsbs method with predictions) | | | | | | | | |")
+    lines += ["", "## Figures", ""]
+    for title, name in FIGURES:
+        lines += [f"![{title}]({name})", ""]
+    lines += ["## All results", "",
+              "| task | teacher | student | family | parameters | method | data | accuracy | 95 % interval | seeds | "
+              "cost |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         lines.append(f"| {r.task} | {r.teacher} | {r.student} | {r.family} | {int(r.parameters):,} | {r.method} | "
-                     f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_pct(r.accuracy_std)} | {r.seeds} |")
+                     f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_ci(r.ci95)} | {r.seeds} | {_usd(r.cost_usd)} |")
     teachers = ", ".join(f"{task} · {name} {_pct(acc)} ({split})" for (task, name), (acc, split) in teacher.items()
                          if acc is not None)
     lines += ["", f"Teacher accuracy: {teachers or 'not available (no teacher outputs for test/valid)'}.", ""]
     return "\n".join(lines)
 
 
+def _sweep_run(c, experiment: str) -> str | None:
+    """The experiment's latest sweep parent run, or None (runs logged by hand, without a sweep)."""
+    exp = c.get_experiment_by_name(experiment)
+    parents = c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'sweep'", max_results=1,
+                            order_by=["attributes.start_time DESC"])
+    return parents[0].info.run_id if parents else None
+
+
+def _prices(c, parent_run_id: str | None) -> str | None:
+    """The sweep's prices as the parent run records them, in words."""
+    if parent_run_id is None:
+        return None
+    tags = c.get_run(parent_run_id).data.tags
+    if "dsbs.price.gpu_hour" not in tags:
+        return None
+    return (f"${tags['dsbs.price.gpu_hour']}/GPU-hour, ${tags['dsbs.price.cpu_hour']}/CPU-core-hour, "
+            f"${tags['dsbs.price.teacher_per_million_tokens']}/million teacher tokens")
+
+
+def run_description(text: str, limit: int = 8000) -> str:
+    """The report as the parent run's description (MLflow renders it as Markdown on the run's page):
+    the tables, and the figures named as the artifacts they are (a description cannot show them)."""
+    out = []
+    for line in text.splitlines():
+        if line == "## Figures":
+            out += ["## Figures: under this run's Artifacts, report/", ""]
+            out += [f"- {title}: `report/{name}`" for title, name in FIGURES]
+        elif not line.startswith("!["):
+            out.append(line)
+    text, more = "\n".join(out), "\n\n… (cut here: MLflow keeps 8000 characters of a tag; the whole report is report/report.md)"
+    return text if len(text) <= limit else text[:text.rfind("\n", 0, limit - len(more))] + more
+
+
 def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | None = None,
                  parent_run_id: str | None = None, log: bool = True) -> dict:
     """Figures and the Markdown report for an experiment's finished trials; logged to MLflow (on the
-    sweep's parent run: the given one, else the experiment's latest)."""
+    sweep's parent run: the given one, else the experiment's latest): the files as artifacts under
+    report/, the results as an MLflow table, and the report as the run's description."""
     from dsbs_ray import tracking
 
     uri = tracking.tracking_uri(uri)
@@ -247,28 +425,30 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     teacher = teacher_lines(df)
     summary = summarise(df)
     front = frontier(summary, teacher)
+    paired = paired_differences(df, uri)
     plot_fraction(summary, teacher, out / "accuracy_vs_fraction.png")
     plot_size(summary, teacher, out / "accuracy_vs_size.png")
+    plot_cost(summary, teacher, out / "accuracy_vs_cost.png")
     limits = df.eval_limit.dropna()
-    (out / "report.md").write_text(markdown(experiment, summary, front, teacher, df.run_name.nunique(),
-                                            int(limits.max()) if len(limits) else None))
+    c = tracking.client(uri)
+    parent_run_id = parent_run_id or _sweep_run(c, experiment)
+    text = markdown(experiment, summary, front, teacher, paired, df.run_name.nunique(),
+                    int(limits.max()) if len(limits) else None, _prices(c, parent_run_id))
+    (out / "report.md").write_text(text)
     summary.to_csv(out / "results.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)
-    files = [out / n for n in ("report.md", "accuracy_vs_fraction.png", "accuracy_vs_size.png", "results.csv",
-                               "frontier.csv")]
+    paired.to_csv(out / "paired.csv", index=False)
+    files = [out / n for n in ("report.md", "results.csv", "frontier.csv", "paired.csv")] + \
+        [out / name for _, name in FIGURES]
     if log:
-        c = tracking.client(uri)
-        if parent_run_id is None:
+        if parent_run_id is None:  # runs logged by hand, without a sweep: the report gets a run of its own
             exp = c.get_experiment_by_name(experiment)
-            parents = c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'sweep'", max_results=1,
-                                    order_by=["attributes.start_time DESC"])
-            if parents:
-                parent_run_id = parents[0].info.run_id
-            else:  # runs logged by hand, without a sweep: the report gets a run of its own
-                parent_run_id = c.create_run(exp.experiment_id, run_name="report", tags={"dsbs.role": "report"}).info.run_id
-                c.set_terminated(parent_run_id, "FINISHED")
+            parent_run_id = c.create_run(exp.experiment_id, run_name="report", tags={"dsbs.role": "report"}).info.run_id
+            c.set_terminated(parent_run_id, "FINISHED")
         for f in files:
             c.log_artifact(parent_run_id, str(f), artifact_path="report")
+        c.log_table(parent_run_id, summary, "report/results.json")  # a table MLflow's artifact view renders
+        c.set_tag(parent_run_id, "mlflow.note.content", run_description(text))
     return {"experiment": experiment, "trials": int(df.run_name.nunique()), "markdown": str(out / "report.md"),
-            "figures": [str(out / "accuracy_vs_fraction.png"), str(out / "accuracy_vs_size.png")],
+            "figures": [str(out / name) for _, name in FIGURES], "paired": paired.to_dict("records"),
             "frontier": front.to_dict("records"), "mlflow_run_id": parent_run_id}

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dsbs_ray.annotations import DEFAULT_STORE
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.job import TrainConfig, load_config, resolve_paths, student_name, validate
+from dsbs_ray.ledger import Prices
 from dsbs_ray.locks import hold
 from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.tasks import get_task, read_yaml
@@ -57,6 +58,8 @@ class StudentSpec(BaseModel):
                                          "gradient accumulation makes up the global batch")
     grad_accum: int | None = Field(None, ge=1, description="micro-batches per optimizer step; with workers and "
                                    "the global batch it sets micro_batch_size (both given: they must agree)")
+    parameters: int | None = Field(None, ge=1, description="the student's size, for the dry run's cost estimate "
+                                   "where its config cannot be read (a hub id with no hub)")
 
     def micro(self, batch_size: int) -> int | None:
         """Rows per worker per forward, from micro_batch_size or grad_accum (None: one micro-batch)."""
@@ -103,6 +106,7 @@ class SweepConfig(BaseModel):
     output_dir: str = "work/sweeps"
     max_concurrent_trials: int = Field(1, ge=1)
     max_retries: int = Field(1, ge=0)
+    prices: Prices = Field(default_factory=Prices, description="the cost ledger's prices (README: defaults, sources)")
     tracking_uri: str | None = None  # default sqlite:///mlflow.db
     experiment: str | None = None  # default: the sweep name
 
@@ -238,11 +242,12 @@ FINAL_METRICS = ("accuracy", "valid_accuracy", "examples_per_s", "wall_seconds",
 
 
 def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
-              teacher_lines: dict | None = None) -> dict:
+              teacher_lines: dict | None = None, prices: dict | None = None, prompts_dirs: dict | None = None) -> dict:
     """One grid point: its MLflow child run (found again on rerun), training (resuming from the last
     checkpoint), final metrics and artifacts, then the done marker. A finished trial is not trained
     again: its stored result comes back with skipped=True."""
     from dsbs_ray import tracking
+    from dsbs_ray.ledger import money, teacher_tokens, trial_ledger
     from dsbs_ray.train import train
 
     run_dir = Path(job.output_dir) / job.name()
@@ -272,14 +277,20 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     if line:  # the teacher's own accuracy on the test rows, for the report's teacher line
         tracking.set_tags(c, run_id, {"dsbs.teacher_split": line["split"], "dsbs.teacher_rows": line["rows"]})
     teacher_metrics = {f"teacher_{k}": line.get(k) for k in ("accuracy", "first_sample_accuracy", "agreement")} if line else {}
+    ledger = trial_ledger(job, result, teacher_tokens(job, (prompts_dirs or {}).get(job.teacher)))
+    ledger |= money(ledger, Prices(**(prices or {})))
+    tracking.set_tags(c, run_id, {"dsbs.accelerator": ledger["accelerator"],
+                                  "dsbs.teacher_tokens_counted": ledger["teacher_tokens_counted"]})
     tracking.log_metrics(c, run_id, {k: result.get(k) for k in FINAL_METRICS} | {"parameters": result["parameters"]}
-                         | teacher_metrics, step=job.max_steps)
+                         | {"test_accuracy": result["accuracy"]} | teacher_metrics | ledger
+                         | {"teacher_tokens": ledger["teacher_prompt_tokens"] + ledger["teacher_output_tokens"]},
+                         step=job.max_steps)
     (run_dir / "config.json").write_text(json.dumps(job.model_dump(), indent=2))
     for name in ("predictions_test.jsonl", "predictions_valid.jsonl", "config.json"):
         if (run_dir / name).exists():
             c.log_artifact(run_id, str(run_dir / name))
     c.set_terminated(run_id, "FINISHED")
-    result = {**result, "mlflow_run_id": run_id, "method": sweep_method(job), "run_name": job.name()}
+    result = {**result, "mlflow_run_id": run_id, "method": sweep_method(job), "run_name": job.name(), "ledger": ledger}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, done)
@@ -417,6 +428,13 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
                                   "dsbs.rationale_filters": ",".join(cfg.filter_list()),
                                   "dsbs.trials": str(len(jobs))})
     c.log_artifact(parent, str(sweep_dir / "sweep.json"))
+    tracking.set_tags(c, parent, {f"dsbs.price.{k}": f"{v:g}" for k, v in cfg.prices.model_dump().items()})
+    ui = tracking.ui_base(uri)
+    tracking.set_trials_view(c, exp_id, parent, (
+        f"Sweep **{cfg.name}**: {len(jobs)} trials ({', '.join(cfg.tasks)}; students "
+        f"{', '.join(student_name(s.id) for s in cfg.students)}; methods {', '.join(cfg.methods)}). Each trial is a run; "
+        f"cost_usd is its ledger at the sweep's prices. The report (frontier, figures, intervals) is on the parent run "
+        f"[{cfg.name}]({tracking.run_url(ui, exp_id, parent)}): its description and artifacts under report/."))
 
     finished = {j.name() for j in jobs if (Path(j.output_dir) / j.name() / RESULT_FILE).exists()}
     print(f"sweep {cfg.name}: {len(jobs)} trials ({len(finished)} already finished), "
@@ -431,7 +449,10 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
             tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in jobs],
                                  tracking={"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
-                                           "sweep_name": cfg.name, "teacher_lines": teacher_lines}),
+                                           "sweep_name": cfg.name, "teacher_lines": teacher_lines,
+                                           "prices": cfg.prices.model_dump(),
+                                           "prompts_dirs": {teacher_name(t): t.prompts_dir for t in cfg.teacher_list()
+                                                            if t != "released"}}),
             {"cpu": 0.01})
         tuner = tune.Tuner(
             trainable,
@@ -467,4 +488,5 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
     return {"sweep": cfg.name, "trials": len(jobs), "finished": sum(r["status"] == "finished" for r in results),
             "skipped": sum(r["status"] == "skipped" for r in results), "failed": len(failed),
             "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent,
+            "mlflow_ui": tracking.experiment_url(ui, exp_id),
             "report": report["markdown"], "wall_seconds": time.time() - t0, "results": results}

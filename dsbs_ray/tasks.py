@@ -284,7 +284,8 @@ def _hub_rows(task: Task, split: str, data_dir: Path | None) -> tuple[list[dict]
     return list(ds), where
 
 
-def _has_local(task: Task, split: str, data_dir: Path) -> bool:
+def has_local(task: Task, split: str, data_dir: Path) -> bool:
+    """Whether the data dir holds this split (else it would come from the hub)."""
     if task.name == "svamp" and (data_dir / "svamp" / "SVAMP.json").exists():
         return True
     return (data_dir / task.name / f"{task.name}_{split}.json").exists()
@@ -301,7 +302,7 @@ def load_rows(task_name: str, split: str, data_dir: Path | str | None = None) ->
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"data dir {data_dir} does not exist")
-    if task.hub is None or (data_dir is not None and _has_local(task, split, data_dir)):
+    if task.hub is None or (data_dir is not None and has_local(task, split, data_dir)):
         if data_dir is None:
             raise UserError(f"task {task.name} needs a data dir: pass --data-dir or set DSBS_DATA_DIR")
         return _local_rows(task, split, data_dir)

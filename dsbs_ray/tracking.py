@@ -8,6 +8,7 @@ a resumed sweep never makes a second run for the same trial.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -125,3 +126,50 @@ def log_run(experiment: str, run_name: str, params: dict, metrics: dict, artifac
             c.log_artifact(run_id, str(path))
     c.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the UI lands. MLflow 3.17 opens an experiment in its GenAI view unless the URL says
+# workflowType=machine_learning, and nested runs start collapsed with no param or metric column.
+# A shared view (the experiment tag mlflow.sharedViewState.<key>, opened by ?viewStateShareKey=<key>)
+# carries the columns, the sort and the expanded parent: the link we print opens it.
+
+VIEW_KEY = "dsbs-trials"
+TRIAL_COLUMNS = [("params", "task"), ("params", "student_name"), ("params", "student_family"), ("params", "parameters"),
+                 ("params", "method"), ("params", "rationale_filter"), ("params", "teacher"), ("params", "fraction"),
+                 ("params", "seed"), ("metrics", "test_accuracy"), ("metrics", "cost_usd")]
+DEFAULT_UI = "http://127.0.0.1:5000"  # make mlflow-ui
+
+
+def set_trials_view(mlflow_client, exp_id: str, parent_run_id: str, description: str) -> None:
+    """The experiment opens on the trials: model-training kind, a shared view with the columns users
+    compare by (sorted by test accuracy, the sweep's parent run expanded), and a description."""
+    columns = [f"{kind}.`{name}`" for kind, name in TRIAL_COLUMNS]
+    view = {"searchFilter": "", "orderByKey": "metrics.`test_accuracy`", "orderByAsc": False, "startTime": "ALL",
+            "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+            "selectedColumns": columns, "columnOrder": columns, "runsExpanded": {parent_run_id: True},
+            "runsHiddenMode": "SHOW_ALL", "groupBy": None}
+    for key, value in (("mlflow.experimentKind", "custom_model_development"),
+                       (f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view)), ("mlflow.note.content", description)):
+        mlflow_client.set_experiment_tag(exp_id, key, value)
+
+
+def ui_base(uri: str) -> str:
+    """The UI that shows this store: the tracking server itself, else what `make mlflow-ui` serves."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def experiment_url(base: str, exp_id: str) -> str:
+    """The link to open: the experiment's runs, in the model-training view, with the trials view."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def run_url(base: str, exp_id: str, run_id: str) -> str:
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def sweep_links(uri: str, base: str | None = None) -> list[tuple[str, str]]:
+    """(experiment name, link) for every experiment in the store that has the trials view."""
+    c = client(uri)
+    return [(e.name, experiment_url(base or ui_base(uri), e.experiment_id)) for e in c.search_experiments()
+            if f"mlflow.sharedViewState.{VIEW_KEY}" in e.tags]

@@ -27,7 +27,7 @@ from dsbs_ray.backends import (
     DeepSpeedBackend, TorchBackend, checkpoint_layout, deepspeed_config, local_parameters, pin_deepspeed_accelerator,
     single_process_group, use_bf16,
 )
-from dsbs_ray.data import bucketed_batches, length_key, prepare_data, shard_batch
+from dsbs_ray.data import bucketed_batches, length_key, prepare_data, shard_batch, trained_tokens
 from dsbs_ray.errors import UserError
 from dsbs_ray.evaluate import evaluate
 from dsbs_ray.families import family_for, family_of
@@ -200,6 +200,8 @@ def train_loop(config: dict, session=None) -> dict | None:
         valid_acc, test_acc = last_metrics["valid_accuracy"], last_metrics["test_accuracy"]
     else:  # resumed from a checkpoint at the last step: nothing ran in this process
         valid_acc, test_acc = evaluate_split("valid", True), evaluate_split("test", True)
+    # every step's tokens, also those of steps a resumed run did before (the ledger is the job's)
+    train_tokens = sum(trained_tokens(tokens, batch_at(s)) for s in range(cfg.max_steps)) if rank == 0 else 0
     weights = backend.full_state_dict(rank)
     parameters = count_parameters(module.student)
     if rank == 0:
@@ -212,7 +214,7 @@ def train_loop(config: dict, session=None) -> dict | None:
         "task": cfg.task, "student": cfg.student, "family": family.NAME, "method": cfg.method,
         "label_source": cfg.label_source,
         "fraction": cfg.fraction, "seed": cfg.seed, "parameters": parameters,
-        "train_rows": len(tokens["labels"]), "dropped_unparsed": data["rows"]["dropped_unparsed"],
+        "train_rows": len(tokens["labels"]), "train_tokens": train_tokens, "dropped_unparsed": data["rows"]["dropped_unparsed"],
         "rows_without_rationale": data["rows"]["rows_without_rationale"],
         "rows_with_rationale": data["rows"]["rows_with_rationale"],
         "dropped_by_filter": data["rows"]["dropped_by_filter"],

@@ -4,7 +4,11 @@ that beats that teacher; the released teacher's accuracy from its outputs (test 
 import pandas as pd
 import pytest
 
-from dsbs_ray.report import frontier, markdown, released_teacher_line, summarise
+from dsbs_ray.report import frontier, markdown, paired_differences, released_teacher_line, run_description, summarise
+
+NO_PAIRS = pd.DataFrame(columns=["task", "teacher", "student", "fraction", "method", "rows", "seeds", "difference", "low",
+                                 "high"])
+T_975_DF1 = 12.7062  # the 97.5 % quantile of Student's t with 1 degree of freedom
 
 
 def _trials():
@@ -35,10 +39,13 @@ def test_frontier_picks_the_smallest_student_then_the_smallest_fraction():
     # medium student beats it with less data (25 %): size comes first
     assert front.loc["dsbs-gold", "student"] == "s (seq2seq)" and front.loc["dsbs-gold", "fraction"] == 0.5
     assert pd.isna(front.loc["distill", "student"]) and front.loc["distill", "best_accuracy"] == pytest.approx(0.15)
-    text = markdown("x", summary, front.reset_index(), lines, 15)
+    text = markdown("x", summary, front.reset_index(), lines, NO_PAIRS, 15)
     assert "| svamp | released | distill | 75.0 (test) | none beats it |" in text
-    assert "| svamp | released | dsbs-gold | 75.0 (test) | s (seq2seq) | 1,000 | 50% | 76.0 | 90.0 |" in text
-    assert "| svamp | released | m | causal | 5,000 | finetune | 100% | 81.0 | 1.4 | 2 |" in text
+    assert "| svamp | released | dsbs-gold | 75.0 (test) | s (seq2seq) | 1,000 | 50% | 76.0 | — | not priced |" in text
+    # two seeds (0.80, 0.82): the 95 % t interval of the mean is t(0.975, 1) x sd / sqrt(2)
+    half = T_975_DF1 * 0.02 / 2 ** 0.5 / 2 ** 0.5 * 100
+    assert f"| svamp | released | m | causal | 5,000 | finetune | 100% | 81.0 | ±{half:.1f} | 2 | — |" in text
+    assert "Intervals: 95 % t intervals" in text and "One seed" not in text
 
 
 def test_the_frontier_is_per_teacher():
@@ -74,3 +81,81 @@ def test_report_on_a_missing_experiment_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"error: experiment: no MLflow experiment 'nope' in sqlite:///{tmp_path / 'mlflow.db'}"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cheapest_configuration_that_beats_the_teacher_is_by_cost_not_size():
+    """The smallest winner is s at 50 %; a bigger student on 25 % of the data costs less (less teacher
+    annotation) and is the cheapest."""
+    trials = _trials()
+    trials["cost_usd"] = trials.parameters / 1000 * trials.fraction * 4  # s@50%: 2.0, m@25%: 5.0, ...
+    trials.loc[(trials.student == "m") & (trials.fraction == 0.25), "cost_usd"] = 1.5
+    front = frontier(summarise(trials), {("svamp", "released"): (0.75, "test")}).set_index("method")
+    row = front.loc["dsbs-gold"]
+    assert row.student == "s (seq2seq)" and row.cost_usd == pytest.approx(2.0)
+    assert row.cheapest_student == "m (causal)" and row.cheapest_fraction == 0.25
+    assert row.cheapest_cost_usd == pytest.approx(1.5) and row.cheapest_accuracy == pytest.approx(0.80)
+    text = markdown("x", summarise(trials), front.reset_index(), {("svamp", "released"): (0.75, "test")}, NO_PAIRS, 15)
+    assert "| s (seq2seq) | 1,000 | 50% | 76.0 | $2.00 | m (causal) | 25% | 80.0 | $1.50 | 90.0 |" in text
+
+
+def test_one_seed_says_so():
+    one = _trials()[lambda d: d.seed == 0]
+    summary = summarise(one)
+    assert summary.ci95.isna().all()
+    text = markdown("x", summary, frontier(summary, {}), {}, NO_PAIRS, 8)
+    assert "One seed per cell: no interval over seeds" in text and "| 1 seed |" in text
+
+
+def _log_trial(c, exp, method, seed, correct: dict):
+    import json
+    import tempfile
+    from pathlib import Path
+
+    run = c.create_run(exp, tags={"dsbs.role": "trial"}).info.run_id
+    for k, v in {"task": "svamp", "teacher": "none" if method == "finetune" else "released", "student": "s",
+                 "method": method, "fraction": 1.0, "seed": seed, "parameters": 10}.items():
+        c.log_param(run, k, v)
+    c.log_metric(run, "accuracy", sum(correct.values()) / len(correct))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "predictions_test.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "correct": ok}) + "\n" for i, ok in correct.items()))
+        c.log_artifact(run, str(path))
+    c.set_terminated(run, "FINISHED")
+
+
+def test_paired_difference_over_test_rows_with_a_bootstrap_interval(tmp_path):
+    """dsbs against finetune on the same rows, correctness averaged over seeds per row: the mean
+    difference is exact, and the bootstrap interval holds it and is as wide as the rows allow."""
+    import numpy as np
+
+    from dsbs_ray import tracking
+    from dsbs_ray.report import collect_trials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = c.create_experiment("paired", artifact_location=str(tmp_path / "artifacts"))
+    rng = np.random.default_rng(1)
+    n = 200
+    base = {seed: dict(enumerate((rng.random(n) < 0.4).astype(int).tolist())) for seed in (0, 1)}
+    dsbs = {seed: dict(enumerate((rng.random(n) < 0.6).astype(int).tolist())) for seed in (0, 1)}
+    for seed in (0, 1):
+        _log_trial(c, exp, "finetune", seed, {str(i): bool(v) for i, v in base[seed].items()})
+        _log_trial(c, exp, "dsbs-gold", seed, {str(i): bool(v) for i, v in dsbs[seed].items()})
+    paired = paired_differences(collect_trials("paired", uri), uri)
+    assert len(paired) == 1
+    r = paired.iloc[0]
+    per_row = [(dsbs[0][i] + dsbs[1][i]) / 2 - (base[0][i] + base[1][i]) / 2 for i in range(n)]
+    assert r.rows == n and r.seeds == 2 and r.method == "dsbs-gold"
+    assert r.difference == pytest.approx(np.mean(per_row), abs=1e-12)
+    se = np.std(per_row, ddof=1) / np.sqrt(n)
+    assert r.low < r.difference < r.high
+    assert (r.high - r.low) == pytest.approx(2 * 1.96 * se, rel=0.2)  # the bootstrap agrees with the normal width
+
+
+def test_the_run_description_keeps_tables_and_names_figures_within_mlflows_limit():
+    summary = summarise(pd.concat([_trials().assign(student=f"s{i}") for i in range(60)], ignore_index=True))
+    text = markdown("x", summary, frontier(summary, {}), {}, NO_PAIRS, 8)
+    assert len(text) > 8000
+    desc = run_description(text)
+    assert len(desc) <= 8000 and "![" not in desc and "`report/accuracy_vs_cost.png`" in desc
+    assert desc.startswith("# Sweep report: x") and desc.endswith("the whole report is report/report.md)")

@@ -177,3 +177,39 @@ def test_agree_gold_on_a_train_split_without_gold_is_one_line(tmp_path, students
                        teacher={"model": "embedded:smollm2-135m-instruct"}, annotation_store=str(tmp_path / "store"))
     with pytest.raises(UserError, match="agree-gold needs gold labels, but 7 of 20 rows of svamp/train have none"):
         check_sweep(load_sweep(path))
+
+
+def test_the_papers_dry_run_prints_the_bill_of_its_full_grid_before_any_check(tmp_path, data_dir):
+    """No hub here: the bill still prints (student sizes from paper.yaml, row counts and lengths from
+    the data, e-SNLI's 549k train rows from the hub's count), then the hub check fails in one line."""
+    import json
+
+    cfg = (SWEEPS / "paper.yaml").read_text() + f"data_dir: {data_dir}\ntracking_uri: sqlite:///{tmp_path}/mlflow.db\n"
+    (tmp_path / "paper.yaml").write_text(cfg)
+    r = subprocess.run([str(Path(sys.executable).with_name("dsbs")), "sweep", str(tmp_path / "paper.yaml"), "--dry-run"],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    estimates = [ln["estimate"] for ln in lines if "estimate" in ln]
+    ledger = next(ln["ledger"] for ln in lines if "ledger" in ln)
+    assert len(estimates) == 240 and ledger["trials"] == 240 and ledger["students_without_a_size"] == []
+    full = {(e["task"], e["method"], e["label_source"]): e for e in estimates
+            if e["fraction"] == 1.0 and e["student"] == "t5-v1_1-base"}
+    assert full[("esnli", "dsbs", "gold")]["teacher_rows"] == 549_367  # a valid split of its own: no carve
+    assert full[("svamp", "dsbs", "gold")]["teacher_rows"] == 720  # 800 train rows less the 10 % carve
+    assert full[("svamp", "standard", "gold")]["teacher_tokens_counted"] == "estimated"
+    assert full[("svamp", "standard", "gold")]["teacher_rows"] == 0  # finetune reads no teacher
+    e = full[("cqa", "dsbs", "teacher")]
+    assert e["accelerator"] == "gpu" and e["parameters"] == 247_577_856
+    assert e["accelerator_seconds"] == pytest.approx(6 * e["parameters"] * e["train_tokens"] / (989e12 * 0.4))
+    assert e["cost_usd"] == pytest.approx(e["accelerator_seconds"] / 3600 * 2.49
+                                          + (e["teacher_prompt_tokens"] + e["teacher_output_tokens"]) / 1e6 * 3.5)
+    # dsbs trains the rationale too: more tokens than standard on the same rows and steps
+    assert e["train_tokens"] > full[("cqa", "standard", "teacher")]["train_tokens"]
+    assert ledger["gpu_hours"] == pytest.approx(sum(x["accelerator_seconds"] for x in estimates) / 3600)
+    # each task's annotation once: the largest fraction of each (task, teacher), not the sum over trials
+    once = sum(x["teacher_prompt_tokens"] + x["teacher_output_tokens"] for x in estimates
+               if x["fraction"] == 1.0 and x["student"] == "t5-v1_1-base" and x["method"] == "dsbs"
+               and x["label_source"] == "gold")
+    assert ledger["teacher_tokens"] == once
+    assert "estimated bill of 240 trials" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: student google/t5-v1_1-base")

@@ -116,6 +116,98 @@ def test_mlflow_has_one_child_run_per_trial_with_params_and_accuracy(resumed_swe
     assert {"report/report.md", "report/accuracy_vs_fraction.png", "report/accuracy_vs_size.png"} <= report
 
 
+def test_every_trial_has_a_cost_ledger_at_the_sweep_prices(resumed_sweep, data_dir):
+    """CPU trials: accelerator-seconds = workers x CPUs x the job's wall time; tokens trained on; the
+    teacher tokens of the rows the trial read (none for finetune, every row of the fraction for dsbs,
+    its outputs as the released files hold them); USD at the default prices; the report prices them."""
+    from dsbs_ray.ledger import Prices
+    from dsbs_ray.tasks import load_teacher_outputs
+
+    prices = Prices()
+    outputs = load_teacher_outputs("svamp", "train", str(data_dir))
+    for r in _trial_runs(resumed_sweep["uri"], "local-test"):
+        p, m, tags = r.data.params, r.data.metrics, r.data.tags
+        assert tags["dsbs.accelerator"] == "cpu"
+        assert m["accelerator_seconds"] == pytest.approx(1 * 0.5 * m["wall_seconds"])
+        assert m["cost_training_usd"] == pytest.approx(m["accelerator_seconds"] / 3600 * prices.cpu_hour)
+        # 10 steps of 16 rows: every row has an input and a label of at least one token each
+        assert m["train_tokens"] >= 10 * 16 * 2
+        assert m["cost_usd"] == pytest.approx(m["cost_training_usd"] + m["cost_teacher_usd"])
+        assert m["test_accuracy"] == m["accuracy"]
+        if p["method"] == "finetune":
+            assert m["teacher_tokens"] == 0 and m["cost_teacher_usd"] == 0
+            continue
+        rows = int(m["train_rows"])  # dsbs-gold with no filter: every row of the fraction trains
+        assert m["teacher_samples"] == rows and m["teacher_tokens"] == m["teacher_prompt_tokens"] + m["teacher_output_tokens"]
+        # the released outputs average well over 10 tokens; every sample pays the 8-exemplar prompt
+        assert m["teacher_output_tokens"] > 10 * rows and m["teacher_prompt_tokens"] > 500 * rows
+        assert m["cost_teacher_usd"] == pytest.approx(m["teacher_tokens"] / 1e6 * prices.teacher_per_million_tokens)
+        assert "estimated with the SmolLM2 tokenizer" in tags["dsbs.teacher_tokens_counted"]
+    assert len(outputs) == 800
+
+
+def _mlflow_ui(store: str, port: int) -> subprocess.Popen:
+    """`make mlflow-ui` on this store and port, as a user starts it, once it serves."""
+    proc = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_STORE={store}", f"MLFLOW_PORT={port}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("make mlflow-ui did not serve in 120 s: " + proc.stdout.read()[-2000:])
+    return proc
+
+
+def test_the_mlflow_ui_opens_on_the_trials_in_a_real_browser(resumed_sweep, tmp_path):
+    """`make mlflow-ui` over a finished sweep prints the experiment's link; headless Chromium opens it
+    and lands on the model-training runs table with every trial row and the compare-by columns, no
+    click; the parent run's page shows the report. Screenshots go to test-artifacts/."""
+    from browser import Browser
+
+    from dsbs_ray import tracking
+
+    port = _free_port()
+    proc = _mlflow_ui(resumed_sweep["uri"], port)
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    try:
+        links = subprocess.run([str(BIN / "dsbs"), "mlflow-links", "--tracking-uri", resumed_sweep["uri"],
+                                "--base-url", f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+        assert links.returncode == 0, links.stderr[-2000:]
+        url = links.stdout.strip().split("local-test: ", 1)[1].split()[0]
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/")
+        runs = _trial_runs(resumed_sweep["uri"], "local-test")
+        with Browser(width=2600, height=1300) as b:
+            b.goto(url)
+            names = [r.info.run_name for r in runs]
+            text = b.wait_for(lambda t: all(n in t for n in names), 90, "all 8 trial rows")
+            b.screenshot(artifacts / "mlflow-ui-trials.png")
+            assert "workflowType=machine_learning" in b.url() and "/runs" in b.url()
+            assert "matching runs" in text and "Token Usage" not in text  # not the GenAI overview
+            headers = text.split(names[0])[0]  # the table's header row comes before the first row
+            for column in ("task", "student_name", "parameters", "method", "fraction", "seed", "test_accuracy",
+                           "cost_usd"):
+                assert column in headers.split(), column
+            accuracy = {f"{r.data.metrics['test_accuracy']:g}" for r in runs}
+            assert any(a in text for a in accuracy)
+            parent = resumed_sweep["summary"]["parent_run_id"]
+            b.goto(tracking.run_url(f"http://127.0.0.1:{port}", runs[0].info.experiment_id, parent))
+            b.wait_for(lambda t: "Frontier" in t and "cheapest that beats it" in t, 90, "the report on the parent run")
+            b.screenshot(artifacts / "mlflow-ui-report.png")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_report_command_writes_figures_and_frontier(resumed_sweep, tmp_path):
     out = tmp_path / "report"
     r = subprocess.run([PY, "-m", "dsbs_ray", "report", "--experiment", "local-test", "--tracking-uri",
@@ -123,7 +215,7 @@ def test_report_command_writes_figures_and_frontier(resumed_sweep, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["trials"] == 8
-    for png in ("accuracy_vs_fraction.png", "accuracy_vs_size.png"):
+    for png in ("accuracy_vs_fraction.png", "accuracy_vs_size.png", "accuracy_vs_cost.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000
     text = (out / "report.md").read_text()
     frontier = [ln for ln in text.splitlines() if ln.startswith(("| svamp | released | finetune |",
