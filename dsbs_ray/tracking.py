@@ -165,7 +165,8 @@ def experiment_url(base: str, exp_id: str) -> str:
 
 
 def run_url(base: str, exp_id: str, run_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    """A run's page, in the model-training view (without workflowType it opens in the GenAI one)."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def sweep_links(uri: str, base: str | None = None) -> list[tuple[str, str]]:
