@@ -41,13 +41,23 @@ class AnnotatedExample:
     parse_status: str
 
 
+def valid_size(n_rows: int, valid_fraction: float = VALID_FRACTION) -> int:
+    """How many rows carve_validation holds out (ceil, as `train_test_split` does)."""
+    return math.ceil(valid_fraction * n_rows)
+
+
+def fraction_size(n_rows: int, fraction: float) -> int:
+    """How many rows fraction_indices takes: round(fraction * n_rows), at least 1 (0 of 0 rows)."""
+    return max(1, round(fraction * n_rows)) if n_rows else 0
+
+
 def carve_validation(n_rows: int, valid_fraction: float = VALID_FRACTION, seed: int = VALID_SEED):
     """(train_indices, valid_indices) split the way the paper splits its train set.
 
     Same arithmetic as `datasets.Dataset.train_test_split(test_size=valid_fraction, seed=seed)`
     (ceil for the held-out count, a default_rng permutation), so the rows match the paper's.
     """
-    n_valid = math.ceil(valid_fraction * n_rows)
+    n_valid = valid_size(n_rows, valid_fraction)
     order = np.random.default_rng(seed).permutation(n_rows)
     return order[n_valid:].tolist(), order[:n_valid].tolist()
 
@@ -62,7 +72,7 @@ def fraction_indices(n_rows: int, fraction: float, seed: int) -> list[int]:
         raise UserError(f"fraction must be in (0, 1], got {fraction}")
     if n_rows == 0:
         return []
-    k = max(1, round(fraction * n_rows))
+    k = fraction_size(n_rows, fraction)
     order = np.random.default_rng(seed).permutation(n_rows)
     return sorted(order[:k].tolist())
 

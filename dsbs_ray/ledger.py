@@ -176,7 +176,7 @@ def estimate_trial(job, parameters: int, teacher_samples: int, max_new_tokens: i
     """A trial's ledger before it runs: 6 x parameters x tokens trained FLOPs at the assumed
     utilisation of its accelerator's peak, and its fraction's teacher tokens (released outputs' mean
     length, else the teacher's max_new_tokens)."""
-    import math
+    from dsbs_ray.data import fraction_size, valid_size
 
     profile = task_profile(job.task, job.data_dir, job.train_limit)
     kind, _ = accelerator(job)
@@ -187,8 +187,8 @@ def estimate_trial(job, parameters: int, teacher_samples: int, max_new_tokens: i
     train_tokens = job.max_steps * job.batch_size * per_row
     peak = prices.gpu_peak_tflops * 1e12 if kind == "gpu" else prices.cpu_peak_gflops * 1e9
     seconds = 6 * parameters * train_tokens / (peak * prices.assumed_mfu)
-    trainable = profile["rows"] - (0 if profile["has_valid"] else math.ceil(0.1 * profile["rows"]))
-    rows = max(1, round(job.fraction * trainable)) if job.uses_teacher else 0
+    trainable = profile["rows"] - (0 if profile["has_valid"] else valid_size(profile["rows"]))
+    rows = fraction_size(trainable, job.fraction) if job.uses_teacher else 0
     output = profile["output"] if profile["output"] is not None else (max_new_tokens or 0)
     ledger = {"accelerator": kind, "accelerator_seconds": seconds, "train_tokens": int(train_tokens),
               "teacher_rows": rows, "teacher_samples": rows * teacher_samples,
