@@ -132,3 +132,11 @@ def test_make_tiny_students_cli(tmp_path):
     assert [row["student"] for row in rows] == ["t5-tiny-s", "t5-tiny-m", "t5-tiny-l"]
     assert rows[0]["parameters"] < rows[1]["parameters"] < rows[2]["parameters"]
     assert all((Path(row["path"]) / "config.json").exists() for row in rows)
+
+
+def test_mlflow_links_without_a_store_is_one_line_and_creates_nothing(tmp_path):
+    db = tmp_path / "mlflow.db"
+    r = subprocess.run([str(Path(sys.executable).with_name("dsbs")), "mlflow-links", "--tracking-uri", f"sqlite:///{db}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: tracking_uri: no MLflow store at {db} yet (run `make sweep` or `make demo`)"
+    assert not db.exists()
