@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _isolated import leave_nothing_behind
+
 
 def _examples(n: int):
     from dsbs_ray.prompts import NLI_PROMPT_JOIN
@@ -171,6 +173,7 @@ def main() -> None:
     ap.add_argument("--esnli-rows", type=int, default=549_367)
     ap.add_argument("--skip-engine", action="store_true", help="only the bookkeeping comparison")
     args = ap.parse_args()
+    leave_nothing_behind()
     if args.child:
         return child(args.child, args.rows, args.max_new_tokens)
     if not args.skip_engine:

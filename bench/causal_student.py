@@ -16,7 +16,7 @@ import argparse
 import json
 import tempfile
 
-from _isolated import run_isolated
+from _isolated import leave_nothing_behind, run_isolated
 
 
 def _config(args, method: str, output_dir: str):
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
+    leave_nothing_behind()
 
     print(f"SmolLM2-135M-Instruct (pretrained, 134.5M parameters), SVAMP dsbs-gold, batch {args.batch_size}, "
           f"{args.steps} steps, lr {args.lr:g}, fp32, {args.threads} torch threads, no Ray", flush=True)

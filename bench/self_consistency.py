@@ -19,6 +19,8 @@ import json
 import tempfile
 import time
 
+from _isolated import leave_nothing_behind
+
 
 def run(task_name: str, rows: int, samples: int, max_new_tokens: int) -> dict:
     from dsbs_ray.prompts import NLI_PROMPT_JOIN, load_prompt
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--tasks", default="svamp,cqa")
     args = ap.parse_args()
+    leave_nothing_behind()
     from dsbs_ray.ray_init import init_ray
 
     init_ray()

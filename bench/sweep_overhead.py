@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _isolated import leave_nothing_behind
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,7 @@ def main():
     ap.add_argument("--config", default=str(REPO / "sweeps" / "local.yaml"))
     ap.add_argument("--data-dir", default=None, help="default: the config's if it exists, else the tasks' default")
     args = ap.parse_args()
+    leave_nothing_behind()
 
     from dsbs_ray.students import make_tiny_students
     from dsbs_ray.sweep import load_sweep, run_sweep

@@ -1,13 +1,24 @@
-"""Teacher throughput: output tokens/s of (a) our Ray Data pipeline (`dsbs_ray.teacher.annotate`),
-(b) a bare `vllm.LLM.generate`, (c) batched `transformers.generate`; same prompts (our few-shot SVAMP
-prompt over SVAMP test rows), same model (the embedded SmolLM2-135M teacher), greedy, same token
-budget and stop strings. Engine start is timed apart:
-- (b): the `LLM(...)` constructor is timed on its own;
-- (a): the pipeline runs twice, on a first batch alone and on all rows; the difference of tokens
-  over the difference of seconds is the generation rate, free of Ray and engine start.
-Each variant runs in its own subprocess. The last line is the headline ratios.
+"""Teacher throughput, measured the way a user pays for it: our pipeline (`dsbs teacher`: Ray Data ->
+vLLM) vs a bare `vllm.LLM.generate` script vs a batched `transformers.generate` script.
 
-    python bench/teacher_throughput.py [--rows 64] [--max-new-tokens 64]
+Same for every variant:
+- budget: the CPU cores this bench may use (its affinity, inherited by every process a variant
+  starts) and the same compute threads on them (`--threads`, default all of those cores): vLLM's
+  OpenMP threads are bound to those cores (VLLM_CPU_OMP_THREADS_BIND, in the bare script and in the
+  pipeline's engine alike), transformers sets torch's threads to the same number;
+- work: the embedded SmolLM2-135M teacher, our few-shot SVAMP prompt over the first N SVAMP train
+  rows, greedy, the prompt's stop strings, --max-new-tokens, batch --batch-size;
+- how: each job is a fresh command (Python start, imports, engine start, generation, outputs
+  written), run to its end.
+
+Two figures per variant, from two jobs (--small rows and --rows rows):
+- end to end: the wall seconds of the --rows job, start included;
+- rate: output tokens/s of the difference between the two jobs, so fixed start costs cancel and
+  every per-row cost of the variant (batching, Ray Data, the store) counts.
+The bench is the reaper of all it starts: a process a job leaves behind is named and ended. The last
+line gives the pipeline against bare vLLM (end to end, rate) and against transformers (rate).
+
+    python bench/teacher_throughput.py [--rows 256] [--small 32] [--max-new-tokens 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -15,10 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from _isolated import run_isolated
+HERE = Path(__file__).resolve()
 
 
 def _prompts(n: int):
@@ -26,70 +40,42 @@ def _prompts(n: int):
     from dsbs_ray.tasks import get_task, load_rows
 
     prompt, task = load_prompt("svamp"), get_task("svamp")
-    rows, _ = load_rows("svamp", "test")
+    rows, _ = load_rows("svamp", "train")
     return prompt, [prompt.render(task.to_example(r, i, NLI_PROMPT_JOIN).input) for i, r in enumerate(rows[:n])]
 
 
-def _send(queue, result: dict):
-    """Hand the result to the parent, then exit at once: engine subprocesses must not hold the exit."""
-    queue.put(result)
-    queue.close()
-    queue.join_thread()
-    os._exit(0)
-
-
-def run_pipeline(args, queue):
-    from dsbs_ray.teacher import AnnotateConfig, annotate
-
-    out = {}
-    for n in (args.batch_size, args.rows):
-        with tempfile.TemporaryDirectory() as d:
-            cfg = AnnotateConfig(task="svamp", split="test", limit=n, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, out_dir=d, store=f"{d}/store",
-                                 tracking_uri=f"sqlite:///{d}/mlflow.db")
-            t0 = time.perf_counter()
-            report = annotate(cfg)
-            out[n] = (report["output_tokens_now"], report["output_tokens_now"] / report["tokens_per_s"],
-                      time.perf_counter() - t0)
-    (tok_small, sec_small, _), (tok_all, sec_all, wall_all) = out[args.batch_size], out[args.rows]
-    rate = (tok_all - tok_small) / (sec_all - sec_small)
-    _send(queue, {"tokens": tok_all, "tokens_per_s": rate, "start_s": sec_small - tok_small / rate,
-                  "wall_s": wall_all})
-
-
-def run_vllm(args, queue):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def job_vllm(args) -> dict:
+    """The bare engine: LLM(...) with the pipeline's engine settings, one generate(), outputs written."""
     from vllm import LLM, SamplingParams
 
     from dsbs_ray.embedded import smollm2_path
+    from dsbs_ray.teacher import TeacherSpec, engine_settings
 
     prompt, prompts = _prompts(args.rows)
-    t0 = time.perf_counter()
-    llm = LLM(model=str(smollm2_path()), dtype="float32", max_model_len=2048, enforce_eager=True,
-              enable_prefix_caching=True, seed=0)
-    start = time.perf_counter() - t0
-    params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, stop=list(prompt.stop))
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    _send(queue, {"tokens": tokens, "tokens_per_s": tokens / seconds, "start_s": start})
+    engine, _ = engine_settings(TeacherSpec(), gpus=0)
+    llm = LLM(model=str(smollm2_path()), seed=0, **engine)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, stop=list(prompt.stop))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # the EngineCore process ends with the job
+    Path(args.out).write_text(json.dumps([o.outputs[0].text for o in outs]))
+    return {"tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
-def run_transformers(args, queue):
+def job_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dsbs_ray.embedded import smollm2_path
 
+    torch.set_num_threads(args.threads)
     prompt, prompts = _prompts(args.rows)
     path = str(smollm2_path())
-    t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    start = time.perf_counter() - t0
-    tokens, t0 = 0, time.perf_counter()
+    texts, tokens = [], 0
     with torch.no_grad():
         for i in range(0, len(prompts), args.batch_size):
             enc = tok(prompts[i:i + args.batch_size], return_tensors="pt", padding=True)
@@ -97,31 +83,89 @@ def run_transformers(args, queue):
                                  stop_strings=list(prompt.stop), tokenizer=tok, pad_token_id=tok.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             tokens += int((new != tok.pad_token_id).sum())
-    seconds = time.perf_counter() - t0
-    _send(queue, {"tokens": tokens, "tokens_per_s": tokens / seconds, "start_s": start})
+            texts += tok.batch_decode(new, skip_special_tokens=True)
+    Path(args.out).write_text(json.dumps(texts))
+    return {"tokens": tokens}
+
+
+def _command(variant: str, rows: int, args, work: Path) -> list[str]:
+    if variant == "dsbs-ray pipeline":
+        return [str(Path(sys.executable).parent / "dsbs"), "teacher", "--tasks", "svamp", "--splits", "train",
+                "--limit", str(rows), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
+                str(args.batch_size), "--out-dir", str(work / "ann"), "--store", str(work / "store"),
+                "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    job = {"vllm.LLM.generate": "vllm", "transformers.generate": "transformers"}[variant]
+    return [sys.executable, str(HERE), "--job", job, "--rows", str(rows), "--max-new-tokens", str(args.max_new_tokens),
+            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--out", str(work / "out.json")]
+
+
+def run_job(variant: str, rows: int, args, env: dict) -> dict:
+    """One job as a fresh command in a fresh work dir: (wall seconds, output tokens)."""
+    from dsbs_ray.processes import descendants, end_descendants
+
+    before = descendants()
+    with tempfile.TemporaryDirectory(prefix="teacher-bench-") as work:
+        t0 = time.perf_counter()
+        r = subprocess.run(_command(variant, rows, args, Path(work)), env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    left = end_descendants(spare=before)
+    if left:
+        print(f"warning: {variant} left {len(left)} process(es) running; ended: {', '.join(left)}", file=sys.stderr)
+    if r.returncode != 0:
+        sys.exit(f"{variant} ({rows} rows) failed:\n{r.stderr[-3000:]}")
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    tokens = line["output_tokens_now"] if "output_tokens_now" in line else line["tokens"]
+    return {"rows": rows, "wall_s": wall, "tokens": tokens}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=256, help="rows of the end-to-end job")
+    ap.add_argument("--small", type=int, default=32, help="rows of the second job (the rate is the difference)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="compute threads (all cores)")
+    ap.add_argument("--variants", default="transformers.generate,vllm.LLM.generate,dsbs-ray pipeline")
+    ap.add_argument("--job", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.job:  # one job of a variant, in its own process
+        result = {"vllm": job_vllm, "transformers": job_transformers}[args.job](args)
+        print(json.dumps(result), flush=True)
+        return
+
+    from _isolated import leave_nothing_behind
 
     from dsbs_ray.embedded import smollm2_path
 
-    smollm2_path()  # convert once, outside every timing
+    leave_nothing_behind()
+    smollm2_path()  # converted once, outside every timing
+    cores = sorted(os.sched_getaffinity(0))[:args.threads]
+    bind = ",".join(map(str, cores))
+    from dsbs_ray.teacher import engine_env
+
+    # the pipeline's CPU engine environment (KV cache, worker inside the engine core) for every vLLM
+    # variant, and one binding for all
+    env = dict(os.environ) | engine_env(cpu_engine=True) | {
+        "VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false"}
+    print(f"budget: cores {bind} (of {os.cpu_count()}), {args.threads} compute threads per variant; SVAMP train "
+          f"rows, SmolLM2-135M, greedy, <= {args.max_new_tokens} new tokens, batch {args.batch_size}; jobs of "
+          f"{args.small} and {args.rows} rows, each a fresh command", flush=True)
     results = {}
-    for name, target in (("transformers.generate", run_transformers), ("vllm.LLM.generate", run_vllm),
-                         ("dsbs-ray pipeline", run_pipeline)):
-        results[name] = run_isolated(target, args)
-        print(f"{name:22s} {json.dumps(results[name])}", flush=True)
-    a, b, c = (results[k]["tokens_per_s"] for k in ("dsbs-ray pipeline", "vllm.LLM.generate", "transformers.generate"))
-    print(f"output tokens/s: pipeline {a:.1f}, bare vLLM {b:.1f}, transformers {c:.1f}; "
-          f"engine start: pipeline {results['dsbs-ray pipeline']['start_s']:.0f}s, vLLM "
-          f"{results['vllm.LLM.generate']['start_s']:.0f}s")
-    print(f"teacher throughput ratios: pipeline/vLLM {a / b:.2f} (goal >= 0.8), pipeline/transformers {a / c:.2f} (goal >= 4)")
+    for variant in args.variants.split(","):
+        small, full = run_job(variant, args.small, args, env), run_job(variant, args.rows, args, env)
+        rate = (full["tokens"] - small["tokens"]) / (full["wall_s"] - small["wall_s"])
+        results[variant] = {"end_to_end_s": full["wall_s"], "tokens_per_s": rate, "tokens": full["tokens"],
+                            "small_job_s": small["wall_s"]}
+        print(f"{variant:22s} {json.dumps({k: round(v, 2) for k, v in results[variant].items()})}", flush=True)
+    p, v = results.get("dsbs-ray pipeline"), results.get("vllm.LLM.generate")
+    t = results.get("transformers.generate")
+    if p and v and t:
+        print(f"teacher: pipeline / bare vLLM end to end {v['end_to_end_s'] / p['end_to_end_s']:.2f} (goal >= 0.9; "
+              f"{p['end_to_end_s']:.0f} s vs {v['end_to_end_s']:.0f} s for {args.rows} rows), rate "
+              f"{p['tokens_per_s'] / v['tokens_per_s']:.2f} (goal >= 1.0); pipeline / transformers rate "
+              f"{p['tokens_per_s'] / t['tokens_per_s']:.2f} (goal >= 4)")
 
 
 if __name__ == "__main__":

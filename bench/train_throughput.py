@@ -20,7 +20,7 @@ import resource
 import tempfile
 import time
 
-from _isolated import run_isolated
+from _isolated import leave_nothing_behind, run_isolated
 
 
 def _config(args, student_path: str, output_dir: str):
@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--fraction", type=float, default=0.25, help="fraction of CQA train (0.25: ~2190 rows)")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
+    leave_nothing_behind()
 
     import torch
 

@@ -466,8 +466,8 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
             if r.error is not None:
                 i = r.config["trial"]
                 errors[jobs[i].name()] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else repr(r.error)
-    except BaseException:
-        c.set_terminated(parent, "FAILED")
+    except BaseException as e:
+        c.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 
     results = []
@@ -482,8 +482,10 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         else:
             row |= {"status": "failed", "error": errors.get(job.name(), "did not finish")}
         results.append(row)
-    report = build_report(experiment, uri, out_dir=sweep_dir / "report", parent_run_id=parent)
     failed = [r for r in results if r["status"] == "failed"]
+    # no report without a finished trial: the failures are the news, not a missing report
+    report = (build_report(experiment, uri, out_dir=sweep_dir / "report", parent_run_id=parent)
+              if len(failed) < len(results) else {"markdown": None})
     c.set_terminated(parent, "FAILED" if failed else "FINISHED")
     return {"sweep": cfg.name, "trials": len(jobs), "finished": sum(r["status"] == "finished" for r in results),
             "skipped": sum(r["status"] == "skipped" for r in results), "failed": len(failed),

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from dsbs_ray.metrics import eval_equation
+from leftovers import marked_env, survivors
 from dsbs_ray.tasks import load_examples
 
 pytestmark = pytest.mark.slow
@@ -62,12 +63,14 @@ def teacher_sweep(tmp_path_factory, students, data_dir):
     path = tmp / "teacher-test.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [PY, "-m", "dsbs_ray", "sweep", str(path)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    env, marker = marked_env()
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
+    left_after_first = survivors(marker)  # the engines' and trials' processes, wherever re-parented
     parts_before = {p: p.stat().st_mtime_ns for p in (tmp / "store").rglob("*.parquet")}
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
-    return {"tmp": tmp, "first": first, "second": second, "parts_before": parts_before,
+    return {"tmp": tmp, "first": first, "left_after_first": left_after_first, "second": second, "parts_before": parts_before,
             "summary": json.loads(first.stdout.strip().splitlines()[-1]),
             "rerun": json.loads(second.stdout.strip().splitlines()[-1]), "uri": cfg["tracking_uri"]}
 
@@ -88,6 +91,7 @@ def test_the_sweep_annotates_then_trains_and_a_rerun_generates_nothing(teacher_s
     assert (r["trials"], r["skipped"], r["finished"]) == (3, 3, 0)
     assert teacher_sweep["second"].stderr.count("(0 generated now)") == 2  # train and test
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.parquet")} == teacher_sweep["parts_before"]
+    assert teacher_sweep["left_after_first"] == []  # no engine, Ray or trial process outlived the sweep
 
 
 def test_votes_kept_rows_and_provenance_in_mlflow(teacher_sweep, data_dir):

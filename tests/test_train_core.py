@@ -38,6 +38,32 @@ def test_dsbs_loss_equals_two_separate_forward_passes(students, alpha):
     assert abs(ours.item() - (alpha * l_pred + (1 - alpha) * l_expl).item()) < 1e-6 * max(1.0, ours.item())
 
 
+def test_our_step_matches_the_unmodified_hf_model_the_paper_trains(students):
+    """Our loaded student (fused GELU kernel) against the checkpoint as transformers builds it (T5 v1.1's
+    gelu_new), two separate forward passes as the paper's code runs them: the loss to 1e-6 relative,
+    and every gradient."""
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.activations import NewGELUActivation, PytorchGELUTanh
+
+    student, tokenizer = load_student(str(students["t5-tiny-m"]))
+    reference = AutoModelForSeq2SeqLM.from_pretrained(str(students["t5-tiny-m"]), attn_implementation="eager")
+    assert any(type(m) is NewGELUActivation for m in reference.modules())
+    assert not any(type(m) is NewGELUActivation for m in student.modules())
+    assert any(type(m) is PytorchGELUTanh for m in student.modules())
+    batch = collate(_tokens(tokenizer), list(range(8)), tokenizer.pad_token_id)
+    n_label, n_rationale = int((batch["labels"] != -100).sum()), int((batch["rationale_ids"] != -100).sum())
+    ours = multitask_loss(*MultiTaskSeq2Seq(student)(**batch), 0.5, n_label, n_rationale)
+    l_pred = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    l_expl = reference(input_ids=batch["expl_input_ids"], attention_mask=batch["expl_attention_mask"],
+                       labels=batch["rationale_ids"]).loss
+    ref = 0.5 * l_pred + 0.5 * l_expl
+    assert abs(ours.item() - ref.item()) < 1e-6 * max(1.0, ref.item())
+    ours.backward()
+    ref.backward()
+    for (name, a), b in zip(student.named_parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_alpha_one_reduces_to_standard_training(students):
     student, tokenizer = load_student(str(students["t5-tiny-s"]))
     tokens = _tokens(tokenizer)
