@@ -310,7 +310,10 @@ def _stop_tree(pids: list[int]) -> None:
             pass
     _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
     for p in alive:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # it ended between the wait and the kill
+            pass
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def test_our_step_matches_the_unmodified_hf_model_the_paper_trains(students):
     ours.backward()
     ref.backward()
     for (name, a), b in zip(student.named_parameters(), reference.parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+        assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm(), (name, ((a.grad - b.grad).norm() / b.grad.norm()).item())
 
 
 def test_alpha_one_reduces_to_standard_training(students):
