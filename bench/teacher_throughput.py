@@ -142,11 +142,12 @@ def main():
     smollm2_path()  # converted once, outside every timing
     cores = sorted(os.sched_getaffinity(0))[:args.threads]
     bind = ",".join(map(str, cores))
-    from dsbs_ray.teacher import engine_env
+    from dsbs_ray.teacher import TeacherSpec, engine_settings
 
     # the pipeline's CPU engine environment (KV cache, worker inside the engine core) for every vLLM
     # variant, and one binding for all
-    env = dict(os.environ) | engine_env(cpu_engine=True) | {
+    _, extra = engine_settings(TeacherSpec(), gpus=0)
+    env = dict(os.environ) | extra["runtime_env"]["env_vars"] | {
         "VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false"}
     print(f"budget: cores {bind} (of {os.cpu_count()}), {args.threads} compute threads per variant; SVAMP train "

@@ -484,11 +484,11 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         results.append(row)
     failed = [r for r in results if r["status"] == "failed"]
     # no report without a finished trial: the failures are the news, not a missing report
-    report = (build_report(experiment, uri, out_dir=sweep_dir / "report", parent_run_id=parent)
-              if len(failed) < len(results) else {"markdown": None})
+    report = (build_report(experiment, uri, out_dir=sweep_dir / "report", parent_run_id=parent)["markdown"]
+              if len(failed) < len(results) else None)
     c.set_terminated(parent, "FAILED" if failed else "FINISHED")
     return {"sweep": cfg.name, "trials": len(jobs), "finished": sum(r["status"] == "finished" for r in results),
             "skipped": sum(r["status"] == "skipped" for r in results), "failed": len(failed),
             "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent,
             "mlflow_ui": tracking.experiment_url(ui, exp_id),
-            "report": report["markdown"], "wall_seconds": time.time() - t0, "results": results}
+            "report": report, "wall_seconds": time.time() - t0, "results": results}

