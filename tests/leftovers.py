@@ -35,6 +35,10 @@ def marked(marker: str) -> list[str]:
     return found
 
 
+def marked_pids(marker: str) -> list[int]:
+    return [int(p.split("[", 1)[1].split("]", 1)[0]) for p in marked(marker)]
+
+
 def survivors(marker: str, settle_s: float = 5.0) -> list[str]:
     """Processes of the marked command still alive `settle_s` after it exited (none is the goal)."""
     deadline = time.time() + settle_s

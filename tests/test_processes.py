@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from leftovers import marked, marked_env, survivors, wait_for
+from leftovers import marked_env, marked_pids, survivors, wait_for
 
 pytestmark = pytest.mark.slow
 DSBS = [sys.executable, "-m", "dsbs_ray"]
@@ -26,9 +26,9 @@ def _teacher_cmd(tmp_path, data_dir, limit: int) -> list[str]:
 
 def _kill_marked(marker: str) -> None:
     """A failed test must not leave its processes burning the next tests' cores."""
-    for p in marked(marker):
+    for pid in marked_pids(marker):
         try:
-            os.kill(int(p.split("[", 1)[1].split("]", 1)[0]), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 

@@ -16,6 +16,8 @@ import psutil
 import pytest
 import yaml
 
+from leftovers import MARK, marked_env, marked_pids
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -355,7 +357,9 @@ def cluster(tmp_path_factory):
                          env=dict(os.environ, HOME=str(home)))
     token = gen.stdout.strip().splitlines()[-1] if gen.returncode == 0 else secrets.token_hex(32)
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")}
-    base |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    mark_env, marker = marked_env()  # every process of this cluster carries it, whatever its command line
+    base |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}",
+             MARK: mark_env[MARK]}
     head_env = base | {"DS_ACCELERATOR": "cuda", "CUDA_VISIBLE_DEVICES": "0"}
     worker_env = base | {"DSBS_TEST_NODE": "worker"}
     # short: Ray's socket paths have a length limit. A temp dir per node: on one box, nodes sharing one
@@ -368,9 +372,11 @@ def cluster(tmp_path_factory):
         return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
                 f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
 
-    def pids() -> list[int]:  # this cluster's processes: the ones started with its temp dirs
-        return [p.pid for p in psutil.process_iter(["cmdline"])
-                if any(str(temp_dir) in a for a in (p.info["cmdline"] or []))]
+    def pids() -> list[int]:  # this cluster's processes: the ones started with its temp dirs, and any other
+        # carrying its marker (Ray's client server names neither temp dir and is re-parented to init)
+        by_dir = {p.pid for p in psutil.process_iter(["cmdline"])
+                  if any(str(temp_dir) in a for a in (p.info["cmdline"] or []))}
+        return sorted(by_dir | set(marked_pids(marker)))
 
     try:
         head = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
