@@ -11,14 +11,18 @@ Same for every variant:
 - how: each job is a fresh command (Python start, imports, engine start, generation, outputs
   written), run to its end.
 
-Two figures per variant, from two jobs (--small rows and --rows rows):
+Two figures per variant, from two jobs (--small rows and --rows rows), the median over --repeats
+rounds in which the variants take turns in ABBA order (this VM's speed drifts by 10-30 % over
+minutes of full load):
 - end to end: the wall seconds of the --rows job, start included;
 - rate: output tokens/s of the difference between the two jobs, so fixed start costs cancel and
   every per-row cost of the variant (batching, Ray Data, the store) counts.
+Each round's line also gives probe_s, a fixed single-thread loop timed right before its jobs: the
+VM's speed at that moment.
 The bench is the reaper of all it starts: a process a job leaves behind is named and ended. The last
 line gives the pipeline against bare vLLM (end to end, rate) and against transformers (rate).
 
-    python bench/teacher_throughput.py [--rows 256] [--small 32] [--max-new-tokens 64] [--threads N]
+    python bench/teacher_throughput.py [--rows 256] [--small 32] [--max-new-tokens 64] [--threads N] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,10 +104,21 @@ def _command(variant: str, rows: int, args, work: Path) -> list[str]:
             "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--out", str(work / "out.json")]
 
 
+def speed_probe() -> float:
+    """Seconds of a fixed single-thread Python loop: this VM's speed right before a job, printed with
+    it, so a job that ran in a slow minute shows as one."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(20_000_000):
+        total += i
+    return time.perf_counter() - t0
+
+
 def run_job(variant: str, rows: int, args, env: dict) -> dict:
     """One job as a fresh command in a fresh work dir: (wall seconds, output tokens)."""
     from dsbs_ray.processes import descendants, end_descendants
 
+    probe = speed_probe()
     before = descendants()
     with tempfile.TemporaryDirectory(prefix="teacher-bench-") as work:
         t0 = time.perf_counter()
@@ -115,7 +131,7 @@ def run_job(variant: str, rows: int, args, env: dict) -> dict:
         sys.exit(f"{variant} ({rows} rows) failed:\n{r.stderr[-3000:]}")
     line = json.loads(r.stdout.strip().splitlines()[-1])
     tokens = line["output_tokens_now"] if "output_tokens_now" in line else line["tokens"]
-    return {"rows": rows, "wall_s": wall, "tokens": tokens}
+    return {"rows": rows, "wall_s": wall, "tokens": tokens, "probe_s": probe}
 
 
 def main():
@@ -125,6 +141,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="compute threads (all cores)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of every variant; the medians are reported")
     ap.add_argument("--variants", default="transformers.generate,vllm.LLM.generate,dsbs-ray pipeline")
     ap.add_argument("--job", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -153,13 +170,19 @@ def main():
     print(f"budget: cores {bind} (of {os.cpu_count()}), {args.threads} compute threads per variant; SVAMP train "
           f"rows, SmolLM2-135M, greedy, <= {args.max_new_tokens} new tokens, batch {args.batch_size}; jobs of "
           f"{args.small} and {args.rows} rows, each a fresh command", flush=True)
-    results = {}
-    for variant in args.variants.split(","):
-        small, full = run_job(variant, args.small, args, env), run_job(variant, args.rows, args, env)
-        rate = (full["tokens"] - small["tokens"]) / (full["wall_s"] - small["wall_s"])
-        results[variant] = {"end_to_end_s": full["wall_s"], "tokens_per_s": rate, "tokens": full["tokens"],
-                            "small_job_s": small["wall_s"]}
-        print(f"{variant:22s} {json.dumps({k: round(v, 2) for k, v in results[variant].items()})}", flush=True)
+    variants = args.variants.split(",")
+    rounds = {v: [] for v in variants}
+    for r in range(args.repeats):  # variants take turns, first to last then last to first (ABBA), so
+        for variant in variants[::-1] if r % 2 else variants:  # a drift in this VM's speed hits all alike
+            small, full = run_job(variant, args.small, args, env), run_job(variant, args.rows, args, env)
+            rate = (full["tokens"] - small["tokens"]) / (full["wall_s"] - small["wall_s"])
+            rounds[variant].append({"end_to_end_s": full["wall_s"], "tokens_per_s": rate, "tokens": full["tokens"],
+                                    "small_job_s": small["wall_s"], "probe_s": (small["probe_s"] + full["probe_s"]) / 2})
+            print(f"round {r + 1} {variant:22s} {json.dumps({k: round(v, 2) for k, v in rounds[variant][-1].items()})}",
+                  flush=True)
+    results = {v: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for v, runs in rounds.items()}
+    for variant, result in results.items():
+        print(f"median {variant:22s} {json.dumps({k: round(v, 2) for k, v in result.items()})}", flush=True)
     p, v = results.get("dsbs-ray pipeline"), results.get("vllm.LLM.generate")
     t = results.get("transformers.generate")
     headline = []

@@ -11,7 +11,10 @@ the PaLM ones:
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import json
+import logging
 import os
 import sys
 import time
@@ -192,12 +195,44 @@ def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):
         model_source=model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
         **extra)
-    return build_processor(
-        config,
-        preprocess=lambda r: dict(r, prompt=prompt.render(r["input"]),
-                                  sampling_params=_sampling(cfg, task, prompt)),
-        postprocess=lambda r: dict(key=r["key"], raw=r["generated_text"], output_tokens=r["num_generated_tokens"]),
-    )
+    with _driver_without_engine_imports():
+        return build_processor(
+            config,
+            preprocess=lambda r: dict(r, prompt=prompt.render(r["input"]),
+                                      sampling_params=_sampling(cfg, task, prompt)),
+            postprocess=lambda r: dict(key=r["key"], raw=r["generated_text"],
+                                       output_tokens=r["num_generated_tokens"]),
+        )
+
+
+class _EngineImportsRefused(importlib.abc.MetaPathFinder):
+    """Refuses the import of vLLM and of transformers' model code (see _driver_without_engine_imports)."""
+
+    REFUSED = ("vllm", "transformers.models")
+
+    def find_spec(self, name, path=None, target=None):
+        if any(name == r or name.startswith(r + ".") for r in self.REFUSED):
+            raise ModuleNotFoundError(f"{name}: not imported by the driver, which runs no engine", name=name)
+        return None
+
+
+@contextlib.contextmanager
+def _driver_without_engine_imports():
+    """Build the processor without what ray.data.llm imports in the driver that only an engine needs:
+    vLLM (for an exception type its engine stage catches, on the engine actor, which imports vLLM for
+    itself) and the model's transformers config (read for Ray's usage telemetry, which falls back to a
+    default architecture). Both are optional there and cost ~12 s of a 2-core box's start, before the
+    engine actor is even asked for. Anything already imported is used as is."""
+    refuse = _EngineImportsRefused()
+    telemetry_log = logging.getLogger("ray.llm._internal.batch.processor.vllm_engine_proc")
+    level = telemetry_log.level
+    sys.meta_path.insert(0, refuse)
+    telemetry_log.setLevel(logging.ERROR)  # its "Failed to retrieve HuggingFace config" warning
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(refuse)
+        telemetry_log.setLevel(level)
 
 
 ENGINE_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -336,6 +371,8 @@ def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: 
             from dsbs_ray.ray_init import init_ray
 
             init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
+            quiet = ray.data.DataContext.get_current()  # our bar below says it all: no Ray Data progress
+            quiet.enable_progress_bars, quiet.print_on_execution_start = False, False  # log every 10 s
             ds = _processor(spec, task.name, prompt)(ray.data.from_items(todo))
             t0, last_flush, buffer = time.perf_counter(), time.perf_counter(), []
             bar = tqdm(total=len(todo), desc=f"teacher {task.name}/{split}", unit="sample")

@@ -182,3 +182,27 @@ def test_engine_placement_follows_the_cluster_not_the_drivers_torch(tmp_path, da
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     engine, extra = engine_settings(cfg.model_copy(update={"tensor_parallel_size": 2}), 8.0)
     assert "placement_group_config" not in extra and "dtype" not in engine and engine["tensor_parallel_size"] == 2
+
+
+def test_the_driver_builds_the_engine_processor_without_importing_the_engine(tmp_path, data_dir):
+    """ray.data.llm imports vLLM and the model's transformers config in the driver, which runs no
+    engine (~12 s of a 2-core box's start); the driver refuses both while it builds the processor,
+    and only then: vLLM imports normally afterwards, and the engine actor imports it for itself (the
+    generation tests above run through that processor)."""
+    script = f"""
+import json, sys
+from dsbs_ray.prompts import load_prompt
+from dsbs_ray.ray_init import init_ray
+from dsbs_ray.teacher import AnnotateConfig, _processor, _resolve_model
+cfg = _resolve_model(AnnotateConfig(task="svamp", split="test", data_dir={str(data_dir)!r}))
+init_ray()
+processor = _processor(cfg, "svamp", load_prompt("svamp"))
+seen = {{m: m in sys.modules for m in ("vllm", "transformers.models.llama")}}
+import vllm.v1.engine.exceptions
+print(json.dumps(seen | {{"vllm_after": "vllm" in sys.modules, "processor": type(processor).__name__}}))
+"""
+    smollm2_path()  # converted now, in this session's cache: the script's driver only finds it
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen == {"vllm": False, "transformers.models.llama": False, "vllm_after": True, "processor": "Processor"}
