@@ -371,8 +371,6 @@ def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: 
             from dsbs_ray.ray_init import init_ray
 
             init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
-            quiet = ray.data.DataContext.get_current()  # our bar below says it all: no Ray Data progress
-            quiet.enable_progress_bars, quiet.print_on_execution_start = False, False  # log every 10 s
             ds = _processor(spec, task.name, prompt)(ray.data.from_items(todo))
             t0, last_flush, buffer = time.perf_counter(), time.perf_counter(), []
             bar = tqdm(total=len(todo), desc=f"teacher {task.name}/{split}", unit="sample")
