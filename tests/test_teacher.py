@@ -45,7 +45,8 @@ def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_pat
     assert set(table.teacher) == {"smollm2-135m-instruct"} and table.prompt_hash.nunique() == 1
     assert {"raw", "rationale", "label", "parse_status", "sampling_params", "output_tokens"} <= set(table.columns)
     assert report["output_tokens_now"] == int(table.output_tokens.sum()) - int(first_rows.output_tokens.sum()) > 0
-    assert len(list((tmp_path / "store").glob("svamp/test/*/parts/*.parquet"))) == 2
+    # the rerun added its own part(s): one, or more where a slow box flushed every FLUSH_SECONDS
+    assert len(list((tmp_path / "store").glob("svamp/test/*/parts/*.parquet"))) >= 2
 
     # training reads our annotations exactly like the PaLM ones
     out = tmp_path / "ann"
