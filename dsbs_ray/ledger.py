@@ -65,9 +65,9 @@ def trial_ledger(job, result: dict, teacher: dict) -> dict:
 def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    from dsbs_ray.embedded import smollm2_path
+    from dsbs_ray.embedded import smollm2_tokenizer_path
 
-    return AutoTokenizer.from_pretrained(str(smollm2_path()) if name == SMOLLM2 else name)
+    return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_path()) if name == SMOLLM2 else name)
 
 
 def counting_tokenizer(teacher_model: str | None) -> tuple[object, str]:

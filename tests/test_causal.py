@@ -132,6 +132,7 @@ def test_causal_micro_batches_add_up_to_the_global_batch(smollm2):
     assert abs(whole - parts) < 1e-5
 
 
+@pytest.mark.slow
 def test_pretrained_student_learns_on_svamp_and_is_evaluated(data_dir, tmp_path):
     """A few dozen steps of dsbs on an SVAMP slice: the loss falls; accuracy is measured before and
     after with the same evaluation (no bar on it: 135M parameters, 22 rows, two epochs)."""

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from dsbs_ray.errors import UserError
 from dsbs_ray.embedded import smollm2_path
 from dsbs_ray.teacher import AnnotateConfig, annotate, check
 from dsbs_ray.tasks import load_examples, load_teacher_outputs
+from ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_shutdown")]
 
@@ -67,14 +67,8 @@ def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_pat
     assert smaller["rows_in_layout"] == 6 and len(load_teacher_outputs("svamp", "test", out)) == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path()),
