@@ -6,6 +6,7 @@ import pytest
 
 from dsbs_ray.errors import UserError
 from dsbs_ray.sweep import expand, load_sweep
+from ports import free_port
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -114,14 +115,6 @@ def _sweep_file(tmp_path, tiny, data, **overrides) -> Path:
     return path
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("override, needle", [
     ({"students": [{"id": "/nonexistent/t5-student"}]}, "student checkpoint /nonexistent/t5-student does not exist"),
     ({"tracking_uri": "http://127.0.0.1:{port}"}, "tracking_uri: cannot reach the MLflow server"),
@@ -134,7 +127,8 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path, students, data_dir, override
     """Each mistake is one line on stderr, exit 2, and nothing launched (no Tune dir, no MLflow store)."""
     import json as _json
 
-    override = _json.loads(_json.dumps(override).replace("{port}", str(_closed_port())).replace("{tmp}", str(tmp_path)))
+    closed = free_port()  # a port nothing listens on
+    override = _json.loads(_json.dumps(override).replace("{port}", str(closed)).replace("{tmp}", str(tmp_path)))
     path = _sweep_file(tmp_path, students, data_dir, **override)
     exe = Path(sys.executable).with_name("dsbs")
     r = subprocess.run([str(exe), "sweep", str(path)], capture_output=True, text=True, timeout=120)
