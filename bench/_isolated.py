@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from multiprocessing import resource_tracker
+from queue import Empty as queue_empty
 import sys
 
 from dsbs_ray.processes import adopt_orphans, descendants, end_descendants
@@ -23,7 +24,14 @@ def run_isolated(target, *args):
     before = descendants()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies before its result (an error, the OOM killer) ends the bench, not hangs it
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_empty:
+            if not proc.is_alive() and queue.empty():
+                end_descendants(spare=before)
+                raise SystemExit(f"{target.__name__} exited with code {proc.exitcode} before its result")
     proc.join(60)
     if proc.is_alive():
         print(f"warning: {target.__name__} did not exit a minute after its result; killed", file=sys.stderr)

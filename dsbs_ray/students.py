@@ -1,7 +1,7 @@
 """Student checkpoints: finding and loading any HF seq2seq or causal LM (its family decides how, see
 dsbs_ray.families), the embedded pretrained student, and tiny random-init T5s for CPU work.
 
-The tiny students are T5 v1.1-shaped (gated-GELU, untied embeddings) with the byte-level ByT5
+The tiny students are T5 v1.1-shaped (gated-GELU, unscaled decoder outputs) with the byte-level ByT5
 tokenizer, which needs no vocabulary file, so the size axis of a sweep is real on a laptop with no hub.
 `embedded:smollm2-135m-instruct` is SmolLM2-135M-Instruct, the one pretrained model every box has
 (dsbs_ray.embedded): a real decoder-only student with no download.
@@ -22,30 +22,40 @@ TINY_STUDENTS = {
     "t5-tiny-m": (128, 3, 256, 4),
     "t5-tiny-l": (256, 4, 512, 4),
 }
+T5_V1_1_BASE = (768, 12, 2048, 12)  # google/t5-v1_1-base's shape (with vocabulary 32128)
+
+
+def write_random_t5(path: Path | str, shape: tuple[int, int, int, int], vocab_size: int | None = None,
+                    seed: int = 0) -> Path:
+    """A random-init T5 v1.1-shaped student of `shape` (gated-GELU, unscaled decoder outputs) with the
+    byte-level ByT5 tokenizer, written to path. vocab_size defaults to the tokenizer's 384; a larger
+    one (T5 v1.1's 32128) gives the real model's embedding and LM-head cost, bytes using its first ids
+    (generation never writes the others). transformers 5 ties every T5's LM head to its embeddings, so
+    the v1.1-base shape counts ~223M parameters where the released checkpoint has ~248M."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    d_model, layers, d_ff, heads = shape
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(
+        vocab_size=vocab_size or len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff,
+        num_layers=layers, num_decoder_layers=layers, num_heads=heads,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    if config.vocab_size > len(tokenizer):  # ids past the bytes are never generated: nothing could write them
+        model.generation_config.suppress_tokens = list(range(len(tokenizer), config.vocab_size))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
 
 
 def make_tiny_students(out_dir: Path | str, seed: int = 0) -> dict[str, Path]:
     """Write the tiny students (model + tokenizer) under out_dir/<name>; returns name -> path."""
-    import torch
-    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
-
-    tokenizer = ByT5Tokenizer()
-    paths = {}
-    for name, (d_model, layers, d_ff, heads) in TINY_STUDENTS.items():
-        config = T5Config(
-            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff,
-            num_layers=layers, num_decoder_layers=layers, num_heads=heads,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-            decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(seed)
-        model = T5ForConditionalGeneration(config)
-        path = Path(out_dir) / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
-    return paths
+    return {name: write_random_t5(Path(out_dir) / name, shape, seed=seed) for name, shape in TINY_STUDENTS.items()}
 
 
 def resolve_student(student: str) -> str:

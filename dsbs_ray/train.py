@@ -186,7 +186,8 @@ def train_loop(config: dict, session=None) -> dict | None:
             valid_acc = evaluate_split("valid", final)  # the last evaluation writes the predictions files
             test_acc = evaluate_split("test", final)
             metrics |= {"loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc, "test_accuracy": test_acc,
-                        "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9)}
+                        "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9),
+                        "examples": examples, "train_seconds": train_seconds}
             _log(rank, f"step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} valid_accuracy {valid_acc:.4f} "
                        f"test_accuracy {test_acc:.4f} {metrics['examples_per_s']:.1f} ex/s")
             last_metrics = metrics

@@ -155,3 +155,22 @@ def test_tiny_student_learns_and_is_evaluated(students, data_dir, tmp_path, task
     assert len(history) == 12 and {"id", "input", "gold", "prediction", "correct"} <= set(history[0])
     assert ("rationale" in history[0]) == (method == "dsbs")
     assert m["final_loss"] < m["first_loss"] * 0.6, (m["first_loss"], m["final_loss"])
+
+
+def test_a_random_t5_with_t5s_vocabulary_generates_only_what_its_byte_tokenizer_writes(tmp_path):
+    """write_random_t5 with vocab_size past the byte tokenizer's (the GPU bench's T5 v1.1-base shape):
+    generation never picks an id the tokenizer cannot decode, even where such ids score highest."""
+    from transformers import AutoTokenizer
+
+    from dsbs_ray.families.seq2seq import auto_class
+    from dsbs_ray.students import write_random_t5
+
+    path = write_random_t5(tmp_path / "wide", (32, 1, 64, 2), vocab_size=2048, seed=1)
+    model, tokenizer = auto_class().from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    wider = torch.arange(2048) >= len(tokenizer)  # these ids outscore every byte, whatever the hidden state
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + 100.0 * wider)
+    ids = tokenizer(["Tom has 3 apples.", "How many now?"], return_tensors="pt", padding=True)
+    out = model.generate(**ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert int(out.max()) < len(tokenizer) and len(tokenizer.batch_decode(out)) == 2
+    unsuppressed = model.generate(**ids, do_sample=False, max_new_tokens=6, min_new_tokens=6, suppress_tokens=[])
+    assert int(unsuppressed.max()) >= len(tokenizer)  # what would have happened
