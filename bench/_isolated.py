@@ -46,8 +46,14 @@ def run_isolated(target, *args):
 
 def leave_nothing_behind() -> None:
     """For a bench's main: become the reaper of everything it starts, and at exit end (and name) what
-    is still running, so no engine or Ray process outlives the bench, however its children ended."""
+    is still running, so no engine or Ray process outlives the bench, however its children ended.
+    SIGTERM and SIGHUP (`timeout`, `kill`, a closed terminal) exit through the same path as Ctrl-C:
+    their default action would end the bench alone and leave its children running."""
     import atexit
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
 
     adopt_orphans()
     resource_tracker.ensure_running()  # run_isolated's helper, the bench's own: started first, it is spared
