@@ -30,8 +30,9 @@ def run_isolated(target, *args):
             break
         except queue_empty:
             if not proc.is_alive() and queue.empty():
-                end_descendants(spare=before)
-                raise SystemExit(f"{target.__name__} exited with code {proc.exitcode} before its result")
+                left = end_descendants(spare=before)
+                raise SystemExit(f"{target.__name__} exited with code {proc.exitcode} before its result"
+                                 + (f"; ended: {', '.join(left)}" if left else ""))
     proc.join(60)
     if proc.is_alive():
         print(f"warning: {target.__name__} did not exit a minute after its result; killed", file=sys.stderr)

