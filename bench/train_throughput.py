@@ -141,7 +141,7 @@ def run_paper_baseline(args, student_path: str, queue):
         trainer.train()
     seconds = clock.end - clock.start
     queue.put({"examples_per_s": args.steps * args.batch_size / seconds, "train_seconds": seconds,
-               "precision": args.precision, "device": str(model.device.type),
+               "precision": args.precision, "device": model.device.type,
                "peak_memory_mb": _peak_memory_mb(args.device)})
 
 
@@ -162,9 +162,8 @@ def t5_example_flops(config, pairs: list[tuple[int, int]]) -> float:
     return total
 
 
-def row_lengths(args, student_path: str) -> list[tuple[int, int, int, int]]:
-    """(predict input, label, explain input, rationale) token counts of every training row, as both
-    variants tokenize them."""
+def train_tokens(args, student_path: str) -> dict:
+    """The training split's token ids, as both variants tokenize them."""
     from dsbs_ray.data import prepare_data
     from dsbs_ray.families import seq2seq
     from dsbs_ray.job import resolve_paths
@@ -172,10 +171,8 @@ def row_lengths(args, student_path: str) -> list[tuple[int, int, int, int]]:
 
     rows_only = argparse.Namespace(**{**vars(args), "steps": 1, "batch_size": 1, "precision": "fp32"})
     with tempfile.TemporaryDirectory() as out:
-        t = prepare_data(resolve_paths(_config(rows_only, student_path, out)), load_tokenizer(student_path),
-                         seq2seq)["train"]
-    return [(len(a), len(b), len(c), len(d)) for a, b, c, d in
-            zip(t["input_ids"], t["labels"], t["expl_input_ids"], t["rationale_ids"])]
+        return prepare_data(resolve_paths(_config(rows_only, student_path, out)), load_tokenizer(student_path),
+                            seq2seq)["train"]
 
 
 def row_flops(config, lengths) -> float:
@@ -237,8 +234,12 @@ def main():
             shape = f"shape {TINY_STUDENTS[args.student]}"
         from transformers import AutoConfig
 
-        config, lengths = AutoConfig.from_pretrained(path), row_lengths(args, path)
-        tokens = sum(map(sum, lengths)) / len(lengths)  # real tokens of the mean row, both tasks
+        from dsbs_ray.data import trained_tokens
+
+        config, t = AutoConfig.from_pretrained(path), train_tokens(args, path)
+        # (predict input, label, explain input, rationale) token counts of every training row
+        lengths = [tuple(map(len, r)) for r in zip(t["input_ids"], t["labels"], t["expl_input_ids"], t["rationale_ids"])]
+        tokens = trained_tokens(t, range(len(lengths))) / len(lengths)  # real tokens of the mean row, both tasks
         flops = sum(row_flops(config, r) for r in lengths) / len(lengths)
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             for precision in args.precisions.split(","):
