@@ -3,8 +3,9 @@ training job per (task, student, fraction, method, seed), and the Ray Tune drive
 
 Resuming: every trial is a Ray Train run named by its config hash (an interrupted trial restarts from
 its last checkpoint), and a finished trial leaves `result.json` in its run dir, so rerunning a sweep
-(or a grown one) trains only what is not finished. MLflow: a parent run per sweep, a child per trial,
-both found again on rerun (tracking.find_or_start_run).
+(or a grown one) trains only what is not finished: finished trials are settled on the driver, and Ray
+and Tune start only for what is left (a rerun of a finished sweep starts neither). MLflow: a parent run
+per sweep, a child per trial, both found again on rerun (tracking.find_or_start_run).
 """
 
 from __future__ import annotations
@@ -441,31 +442,32 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
           f"{cfg.max_concurrent_trials} at a time; MLflow {uri} experiment {experiment!r}", file=sys.stderr)
     errors = {}
     try:
-        import ray.tune as tune
+        teacher_lines = annotate_teachers(cfg, jobs, requests)  # starts Ray only for rows still to generate
+        trial_kwargs = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "sweep_name": cfg.name,
+                    "teacher_lines": teacher_lines, "prices": cfg.prices.model_dump(),
+                    "prompts_dirs": {teacher_name(t): t.prompts_dir for t in cfg.teacher_list() if t != "released"}}
+        for job in jobs:  # finished trials are settled here (their MLflow run closed if it was not): no Ray, no Tune
+            if job.name() in finished:
+                run_trial(job, **trial_kwargs)
+        todo = [j for j in jobs if j.name() not in finished]
+        if todo:
+            import ray.tune as tune
 
-        init_ray()
-        teacher_lines = annotate_teachers(cfg, jobs, requests)
-        shutil.rmtree(sweep_dir / "tune", ignore_errors=True)  # Tune's own bookkeeping; run dirs say what is done
-        trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
-            tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in jobs],
-                                 tracking={"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
-                                           "sweep_name": cfg.name, "teacher_lines": teacher_lines,
-                                           "prices": cfg.prices.model_dump(),
-                                           "prompts_dirs": {teacher_name(t): t.prompts_dir for t in cfg.teacher_list()
-                                                            if t != "released"}}),
-            {"cpu": 0.01})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(list(range(len(jobs))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_retries)),
-        )
-        grid = tuner.fit()
-        for r in grid:
-            if r.error is not None:
-                i = r.config["trial"]
-                errors[jobs[i].name()] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else repr(r.error)
+            init_ray()
+            shutil.rmtree(sweep_dir / "tune", ignore_errors=True)  # Tune's own bookkeeping; run dirs say what is done
+            trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
+                tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in todo], tracking=trial_kwargs), {"cpu": 0.01})
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(list(range(len(todo))))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_retries)),
+            )
+            for r in tuner.fit():
+                if r.error is not None:
+                    name = todo[r.config["trial"]].name()
+                    errors[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else repr(r.error)
     except BaseException as e:
         c.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise

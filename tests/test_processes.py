@@ -59,12 +59,12 @@ def test_dsbs_teacher_leaves_no_process_when_it_ends_and_when_interrupted(tmp_pa
         _kill_marked(marker)
 
 
-def _sweep(tmp_path, data_dir, students, name: str, student: str, steps: int) -> list[str]:
+def _sweep(tmp_path, data_dir, students, name: str, student: str, steps: int, retries: int = 1) -> list[str]:
     cfg = {"name": name, "tasks": ["svamp"], "data_dir": str(data_dir),
            "students": [{"id": student, "workers": 1, "cpus_per_worker": 0.5, "zero": "off"}],
            "fractions": [1.0], "methods": ["finetune"], "teacher": "released", "rationale_filter": "none",
            "max_steps": steps, "eval_every": steps, "eval_limit": 4, "gen_max_length": 8, "batch_size": 4,
-           "max_input_length": 64, "max_target_length": 32,
+           "max_input_length": 64, "max_target_length": 32, "max_retries": retries,
            "output_dir": str(tmp_path / "sweeps"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -99,7 +99,7 @@ def test_dsbs_sweep_leaves_no_process_on_ctrl_c_or_a_failed_trial(tmp_path, data
             (broken / f.name).write_bytes(f.read_bytes())
         (broken / "model.safetensors").write_bytes(b"not a safetensors file")
         env, marker = marked_env()
-        failed = subprocess.run(_sweep(tmp_path, data_dir, students, "failing", str(broken), 2), env=env,
+        failed = subprocess.run(_sweep(tmp_path, data_dir, students, "failing", str(broken), 2, retries=0), env=env,
                                 capture_output=True, text=True, timeout=400)
         assert failed.returncode == 1, failed.stderr[-3000:]
         assert json.loads(failed.stdout.strip().splitlines()[-1])["failed"] == 1

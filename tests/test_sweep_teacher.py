@@ -90,6 +90,8 @@ def test_the_sweep_annotates_then_trains_and_a_rerun_generates_nothing(teacher_s
     # the rerun: every trial skipped, no sample generated, no part file written or touched
     assert (r["trials"], r["skipped"], r["finished"]) == (3, 3, 0)
     assert teacher_sweep["second"].stderr.count("(0 generated now)") == 2  # train and test
+    assert "Started a local Ray instance" in teacher_sweep["first"].stderr  # (the log line this test relies on)
+    assert "Started a local Ray instance" not in teacher_sweep["second"].stderr  # nothing left to run: no Ray, no Tune
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.parquet")} == teacher_sweep["parts_before"]
     assert teacher_sweep["left_after_first"] == []  # no engine, Ray or trial process outlived the sweep
 
