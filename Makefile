@@ -43,7 +43,7 @@ demo: install
 	@$(DSBS) mlflow-links --tracking-uri $(MLFLOW_STORE) --base-url http://127.0.0.1:$(MLFLOW_PORT) | sed 's/^/      /'
 
 test: install browser
-	$(PY) -m pytest -q --durations=12 tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # Debian's chromium, for the test that opens the MLflow UI in a real browser (root, or sudo, and apt).
 browser:
