@@ -225,6 +225,39 @@ def test_report_command_writes_figures_and_frontier(resumed_sweep, tmp_path):
     assert "74.0 (test)" in frontier[0]
 
 
+def test_a_finished_sweep_rerun_on_a_new_tracking_store_logs_every_trial_there_and_starts_no_ray(
+        resumed_sweep, students, data_dir):
+    """A user moves to another MLflow store and reruns the finished sweep: every trial is logged there
+    from its stored result (params, final metrics, ledger), none trains, and neither Ray nor Tune starts."""
+    tmp = resumed_sweep["tmp"]
+
+    def results():  # every trial's stored result, less the MLflow run it was last logged to
+        return {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "mlflow_run_id"}
+                for p in (tmp / "sweeps").glob("*/*/result.json")}
+
+    before = results()
+    models = {p: p.stat().st_mtime_ns for p in (tmp / "sweeps").glob("*/*/model/*")}
+    uri = f"sqlite:///{tmp / 'moved.db'}"
+    path = _local_sweep(tmp, students, data_dir, "local-test", tracking_uri=uri)
+    r = subprocess.run([PY, "-m", "dsbs_ray", "sweep", str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (s["trials"], s["skipped"], s["finished"], s["failed"]) == (8, 8, 0, 0)
+    assert "Started a local Ray instance" not in r.stderr and "Trial status" not in r.stderr, r.stderr[-3000:]
+    assert results() == before and len(before) == 8  # nothing trained: the same results, now logged there
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "sweeps").glob("*/*/model/*")} == models and models
+    old = {x.data.tags["dsbs.trial"]: x for x in _trial_runs(resumed_sweep["uri"], "local-test")}
+    moved = _trial_runs(uri, "local-test")
+    assert len(moved) == 8 and {x.data.tags["dsbs.trial"] for x in moved} == set(old)
+    for x in moved:
+        o = old[x.data.tags["dsbs.trial"]]
+        assert x.info.status == "FINISHED" and x.data.tags["mlflow.parentRunId"] == s["parent_run_id"]
+        assert x.data.params == o.data.params
+        for k in ("accuracy", "test_accuracy", "examples_per_s", "train_tokens", "accelerator_seconds", "cost_usd"):
+            assert x.data.metrics[k] == pytest.approx(o.data.metrics[k]), k
+    assert Path(s["report"]).read_text().count("| svamp | released |") >= 2
+
+
 def test_one_sweep_trains_a_t5_and_a_decoder_only_student_and_reports_both(students, data_dir, tmp_path):
     """The size axis across families: a random-init T5 and the pretrained SmolLM2 (its own learning
     rate and steps) in one local sweep; MLflow and the report name each student's family."""
