@@ -443,20 +443,24 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
     errors = {}
     try:
         teacher_lines = annotate_teachers(cfg, jobs, requests)  # starts Ray only for rows still to generate
-        trial_kwargs = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "sweep_name": cfg.name,
-                    "teacher_lines": teacher_lines, "prices": cfg.prices.model_dump(),
-                    "prompts_dirs": {teacher_name(t): t.prompts_dir for t in cfg.teacher_list() if t != "released"}}
-        for job in jobs:  # finished trials are settled here (their MLflow run closed if it was not): no Ray, no Tune
+        trial_kwargs = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+                        "sweep_name": cfg.name, "teacher_lines": teacher_lines, "prices": cfg.prices.model_dump(),
+                        "prompts_dirs": {teacher_name(t): t.prompts_dir for t in cfg.teacher_list()
+                                         if t != "released"}}
+        todo = []
+        for job in jobs:  # a finished trial is settled here (its MLflow run found, or logged from its result)
             if job.name() in finished:
                 run_trial(job, **trial_kwargs)
-        todo = [j for j in jobs if j.name() not in finished]
+            else:
+                todo.append(job)
         if todo:
             import ray.tune as tune
 
             init_ray()
             shutil.rmtree(sweep_dir / "tune", ignore_errors=True)  # Tune's own bookkeeping; run dirs say what is done
             trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
-                tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in todo], tracking=trial_kwargs), {"cpu": 0.01})
+                tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in todo], tracking=trial_kwargs),
+                {"cpu": 0.01})
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(list(range(len(todo))))},
@@ -466,8 +470,8 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
             )
             for r in tuner.fit():
                 if r.error is not None:
-                    name = todo[r.config["trial"]].name()
-                    errors[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else repr(r.error)
+                    text = str(r.error).strip()
+                    errors[todo[r.config["trial"]].name()] = text.splitlines()[-1][:300] if text else repr(r.error)
     except BaseException as e:
         c.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
