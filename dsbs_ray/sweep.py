@@ -193,6 +193,24 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
 RESULT_FILE = "result.json"  # a finished trial's metrics, in its run dir
 
 
+def stored_result(job: TrainConfig) -> dict | None:
+    """A finished trial's stored result, None if it has none. One that is not JSON, or lacks what its
+    MLflow run is logged from (accuracy, parameters), is refused in one line naming it: the sweep
+    reads every one before it starts anything."""
+    from dsbs_ray.tasks import read_json
+
+    path = Path(job.output_dir) / job.name() / RESULT_FILE
+    if not path.exists():
+        return None
+    result = read_json(path)
+    bad = [k for k in ("accuracy", "parameters") if not isinstance(result, dict) or isinstance(result.get(k), bool)
+           or not isinstance(result.get(k), (int, float))]
+    if bad:
+        raise UserError(f"{path}: not a finished trial's result (no number {', '.join(bad)}); restore it, or move "
+                        f"the trial's run dir {path.parent} away to train the trial again")
+    return result
+
+
 def sweep_method(job: TrainConfig) -> str:
     """The sweep method name (finetune, distill, dsbs-gold, dsbs-teacher) of a training job."""
     return next(m for m, pair in METHODS.items() if pair == (job.method, job.label_source))
@@ -256,7 +274,7 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     c = tracking.client(tracking_uri)
     tags = {"dsbs.role": "trial", "dsbs.sweep": sweep_name, "dsbs.trial": job.name(),
             "mlflow.parentRunId": parent_run_id}
-    result = json.loads(done.read_text()) if done.exists() else None
+    result = stored_result(job)
     if result is not None:
         run = tracking.find_run(c, experiment_id, tags)
         if run is not None and run.info.status == "FINISHED":
@@ -416,6 +434,7 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
     from dsbs_ray.report import build_report
     from dsbs_ray.ray_init import init_ray
 
+    finished = {j.name() for j in jobs if stored_result(j) is not None}  # a bad one stops us here
     (sweep_dir / "sweep.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
     c = tracking.client(uri)
@@ -437,7 +456,6 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         f"cost_usd is its ledger at the sweep's prices. The report (frontier, figures, intervals) is on the parent run "
         f"[{cfg.name}]({tracking.run_url(ui, exp_id, parent)}): its description and artifacts under report/."))
 
-    finished = {j.name() for j in jobs if (Path(j.output_dir) / j.name() / RESULT_FILE).exists()}
     print(f"sweep {cfg.name}: {len(jobs)} trials ({len(finished)} already finished), "
           f"{cfg.max_concurrent_trials} at a time; MLflow {uri} experiment {experiment!r}", file=sys.stderr)
     errors = {}
@@ -478,10 +496,9 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
 
     results = []
     for job in jobs:
-        done = Path(job.output_dir) / job.name() / RESULT_FILE
         row = {"trial": job.name(), "method": sweep_method(job), "fraction": job.fraction, "student": job.student}
-        if done.exists():
-            r = json.loads(done.read_text())
+        r = stored_result(job)
+        if r is not None:
             row |= {"status": "skipped" if job.name() in finished else "finished", "accuracy": r["accuracy"],
                     "examples_per_s": r.get("examples_per_s"), "wall_seconds": r.get("wall_seconds"),
                     "loop_seconds": r.get("loop_seconds"), "train_seconds": r.get("train_seconds")}

@@ -215,12 +215,15 @@ def _read_json_lines(path: Path) -> list[dict]:
     return rows
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file's content; one that is not JSON is one line naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"{path}: not valid JSON ({e.msg}; line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def read_yaml(path: Path, what: str):
@@ -260,7 +263,7 @@ def _local_rows(task: Task, split: str, data_dir: Path) -> tuple[list[dict], str
     path = data_dir / task.name / f"{task.name}_{split}.json"
     original = data_dir / "svamp" / "SVAMP.json"
     if not path.exists() and task.name == "svamp" and original.exists():
-        return _svamp_paper_split(_read_json(original), split), str(original)
+        return _svamp_paper_split(read_json(original), split), str(original)
     if not path.exists():
         raise UserError(f"missing file {path} (task {task.name}, split {split})")
     return _read_json_lines(path), str(path)
@@ -351,7 +354,7 @@ def load_teacher_outputs(task_name: str, split: str, data_dir: Path | str | None
         if not files:
             raise UserError(f"missing file {data_dir / part / 'llm' / f'{split}_CoT_0.json'} (teacher outputs)")
         for path in files:
-            chunk = _read_json(path)
+            chunk = read_json(path)
             if not isinstance(chunk, list) or not all(isinstance(o, str) for o in chunk):
                 raise UserError(f"{path}: expected a JSON list of strings")
             outputs.extend(chunk)

@@ -258,6 +258,34 @@ def test_a_finished_sweep_rerun_on_a_new_tracking_store_logs_every_trial_there_a
     assert Path(s["report"]).read_text().count("| svamp | released |") >= 2
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda t: t[: len(t) // 2], "not valid JSON"),  # cut short, as by a full disk or an editor
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "accuracy"}), "no number accuracy"),
+    (lambda t: json.dumps({**json.loads(t), "parameters": "many"}), "no number parameters"),
+    (lambda t: "[1, 2]", "no number accuracy, parameters"),
+])
+def test_a_damaged_trial_result_stops_a_rerun_in_one_line_and_changes_nothing(resumed_sweep, students, data_dir,
+                                                                              tmp_path, damage, needle):
+    """A finished trial's result.json that a rerun cannot log from (not JSON, a field gone) is one line
+    naming it, exit 2, before anything starts: no Ray, no MLflow run, every file as it was."""
+    import shutil
+
+    shutil.copytree(resumed_sweep["tmp"] / "sweeps", tmp_path / "sweeps")
+    victim = sorted((tmp_path / "sweeps").glob("*/*/result.json"))[3]
+    victim.write_text(damage(victim.read_text()))
+    def files():  # every file of the sweep dir but the lock, which notes its last holder
+        return {p: p.read_bytes() for p in (tmp_path / "sweeps").rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    path = _local_sweep(tmp_path, students, data_dir, "local-test")
+    r = subprocess.run([PY, "-m", "dsbs_ray", "sweep", str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert str(victim) in r.stderr and needle in r.stderr, r.stderr
+    assert files() == before and len(before) > 8
+    assert not (tmp_path / "mlflow.db").exists() or not _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                                      "local-test")
+
 def test_one_sweep_trains_a_t5_and_a_decoder_only_student_and_reports_both(students, data_dir, tmp_path):
     """The size axis across families: a random-init T5 and the pretrained SmolLM2 (its own learning
     rate and steps) in one local sweep; MLflow and the report name each student's family."""
