@@ -4,8 +4,9 @@ vLLM) vs a bare `vllm.LLM.generate` script vs a batched `transformers.generate` 
 Same for every variant:
 - budget: the CPU cores this bench may use (its affinity, inherited by every process a variant
   starts) and the same compute threads on them (`--threads`, default all of those cores): vLLM's
-  OpenMP threads are bound to those cores (VLLM_CPU_OMP_THREADS_BIND, in the bare script and in the
-  pipeline's engine alike), transformers sets torch's threads to the same number;
+  OpenMP threads are bound to those cores, one a core (VLLM_CPU_OMP_THREADS_BIND and OMP_NUM_THREADS:
+  set by this bench for the bare script, by the pipeline itself for its engine, which runs in the
+  caller's environment as a user's would), transformers sets torch's threads to the same number;
 - work: the embedded SmolLM2-135M teacher, our few-shot SVAMP prompt over the first N SVAMP train
   rows, greedy, the prompt's stop strings, --max-new-tokens, batch --batch-size;
 - how: each job is a fresh command (Python start, imports, engine start, generation, outputs
@@ -161,12 +162,16 @@ def main():
     bind = ",".join(map(str, cores))
     from dsbs_ray.teacher import TeacherSpec, engine_settings
 
-    # the pipeline's CPU engine environment (KV cache, worker inside the engine core) for every vLLM
-    # variant, and one binding for all
+    # The pipeline runs in the caller's environment, as a user runs it: its engine binds the budget's
+    # cores itself, one thread a core (given the cores as a user gives them, VLLM_CPU_OMP_THREADS_BIND,
+    # when the budget is not all of them). The scripts get the environment that engine gets (KV cache,
+    # worker inside the engine core) and the same cores and threads.
     _, extra = engine_settings(TeacherSpec(), gpus=0)
-    env = dict(os.environ) | extra["runtime_env"]["env_vars"] | {
+    script_env = dict(os.environ) | extra["runtime_env"]["env_vars"] | {
         "VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false"}
+    pipeline_env = dict(os.environ) | ({"VLLM_CPU_OMP_THREADS_BIND": bind} if len(cores) < len(os.sched_getaffinity(0))
+                                       else {})
     print(f"budget: cores {bind} (of {os.cpu_count()}), {args.threads} compute threads per variant; SVAMP train "
           f"rows, SmolLM2-135M, greedy, <= {args.max_new_tokens} new tokens, batch {args.batch_size}; jobs of "
           f"{args.small} and {args.rows} rows, each a fresh command", flush=True)
@@ -174,6 +179,7 @@ def main():
     rounds = {v: [] for v in variants}
     for r in range(args.repeats):  # variants take turns, first to last then last to first (ABBA), so
         for variant in variants[::-1] if r % 2 else variants:  # a drift in this VM's speed hits all alike
+            env = pipeline_env if variant == "dsbs-ray pipeline" else script_env
             small, full = run_job(variant, args.small, args, env), run_job(variant, args.rows, args, env)
             rate = (full["tokens"] - small["tokens"]) / (full["wall_s"] - small["wall_s"])
             rounds[variant].append({"end_to_end_s": full["wall_s"], "tokens_per_s": rate, "tokens": full["tokens"],

@@ -243,14 +243,33 @@ def engine_env(cpu_engine: bool) -> dict:
     otherwise. A CPU engine runs its worker inside its engine-core process (one Python process and
     its ~10 s of imports fewer at start; measured here) and, on a local Ray, computes on every core
     of this box (vLLM's default keeps one core for its front end and serves with the rest: on 2 cores,
-    half the box). What the user set in ENGINE_ENV wins, so an engine inside the pipeline runs
-    exactly as a bare one started with the same variables."""
+    half the box), one OpenMP thread a bound core: Ray gives a 1-CPU actor OMP_NUM_THREADS=1, and the
+    engine core keeps it (1 thread of 2 here: half the tokens/s). What the user set in ENGINE_ENV
+    wins, so an engine inside the pipeline runs exactly as a bare one started with the same variables."""
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if cpu_engine:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not os.environ.get("RAY_ADDRESS"):  # a local Ray: the engine runs on this box
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    return env | {k: os.environ[k] for k in ENGINE_ENV if k in os.environ}
+    env |= {k: os.environ[k] for k in ENGINE_ENV if k in os.environ}
+    cores = bound_cores(env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
+    if cpu_engine and cores and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(cores)
+    return env
+
+
+def bound_cores(bind: str) -> int | None:
+    """How many cores a VLLM_CPU_OMP_THREADS_BIND list names ("0-3", "0,2,5-7"); None for what
+    vLLM resolves itself ("auto", "nobind", one list a rank "0-1|2-3")."""
+    if not bind or bind in ("auto", "nobind") or "|" in bind:
+        return None
+    cores = set()
+    for part in bind.split(","):
+        first, _, last = part.strip().partition("-")
+        if not (first.isdigit() and (last.isdigit() or not last)):
+            return None
+        cores.update(range(int(first), int(last or first) + 1))
+    return len(cores)
 
 
 def cluster_gpus() -> float:
@@ -259,6 +278,11 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+# vLLM's batch defaults for an offline LLM on CPU. The AsyncLLM that ray.data.llm runs would take
+# 128 sequences and 2048 tokens a step; Ray Data then keeps enough batches in flight to fill it.
+CPU_BATCH = dict(max_num_seqs=256, max_num_batched_tokens=4096)
 
 
 def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
@@ -271,8 +295,9 @@ def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
     cpu_engine = gpus < cfg.tensor_parallel_size
     extra = {"runtime_env": {"env_vars": engine_env(cpu_engine)}}
     if cpu_engine:
-        engine.update(dtype="float32", enforce_eager=True)
+        engine.update(dtype="float32", enforce_eager=True, **CPU_BATCH)
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+        extra["max_concurrent_batches"] = max(8, -(-CPU_BATCH["max_num_seqs"] // cfg.batch_size))
     return engine, extra
 
 

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from dsbs_ray.errors import UserError
 from dsbs_ray.embedded import smollm2_path
-from dsbs_ray.teacher import AnnotateConfig, annotate, check
+from dsbs_ray.teacher import AnnotateConfig, annotate, bound_cores, check, engine_env
 from dsbs_ray.tasks import load_examples, load_teacher_outputs
 from ports import free_port
 
@@ -27,13 +28,40 @@ def _cfg(tmp_path, data_dir, **kw):
     return AnnotateConfig(**(base | kw))
 
 
+def _engine_core_env(stop: threading.Event, seen: list) -> None:
+    """Records the environment of the first vLLM engine core among this process's descendants."""
+    import psutil
+
+    while not stop.is_set():
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.cmdline()[:1] == ["VLLM::EngineCore"]:
+                    seen.append(p.environ())
+                    return
+            except psutil.Error:
+                pass
+        time.sleep(0.5)
+
+
 def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_path, data_dir, monkeypatch):
     import dsbs_ray.teacher
 
     monkeypatch.setattr(dsbs_ray.teacher, "FLUSH_SECONDS", 3600.0)  # parts by rows and stops only, however slow the box
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     cfg = _cfg(tmp_path, data_dir)
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=_engine_core_env, args=(stop, seen), daemon=True)
+    watcher.start()
     partial = annotate(cfg, stop_after_rows=2)
+    stop.set()
+    watcher.join()
     assert partial["rows"] == 2 and not partial["complete"]
+    # the engine computes on every core of the box, one OpenMP thread a core (Ray gives its 1-CPU
+    # actor OMP_NUM_THREADS=1, which the engine core would keep)
+    cores = len(os.sched_getaffinity(0))
+    assert seen and seen[0]["OMP_NUM_THREADS"] == str(cores), seen[:1]
+    assert bound_cores(seen[0]["VLLM_CPU_OMP_THREADS_BIND"]) == cores
     parts = list((tmp_path / "store").glob("svamp/test/*/parts/*.parquet"))
     assert len(parts) == 1  # what was generated before the stop is stored, as one part
     first_rows = pd.read_parquet(parts[0])
@@ -179,6 +207,32 @@ def test_engine_placement_follows_the_cluster_not_the_drivers_torch(tmp_path, da
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     engine, extra = engine_settings(cfg.model_copy(update={"tensor_parallel_size": 2}), 8.0)
     assert "placement_group_config" not in extra and "dtype" not in engine and engine["tensor_parallel_size"] == 2
+
+
+def test_a_cpu_engine_gets_one_thread_a_bound_core_unless_the_user_says_otherwise(monkeypatch):
+    """One OpenMP thread a core the engine is bound to: ours (every core of a local Ray's box) or the
+    user's VLLM_CPU_OMP_THREADS_BIND; a user's OMP_NUM_THREADS wins; vLLM's own binding modes and a
+    cluster's engine (its cores are not this box's) are left to vLLM."""
+    for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "RAY_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    assert engine_env(True)["OMP_NUM_THREADS"] == str(len(cores))
+    assert engine_env(True)["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+    assert "OMP_NUM_THREADS" not in engine_env(False)  # a GPU engine: vLLM's own choice
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert engine_env(True)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-2,5")
+    assert engine_env(True)["OMP_NUM_THREADS"] == "4"
+    for vllms_own in ("auto", "nobind", "0-1|2-3"):
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", vllms_own)
+        assert "OMP_NUM_THREADS" not in engine_env(True)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert engine_env(True)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert "OMP_NUM_THREADS" not in engine_env(True) and "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(True)
 
 
 def test_the_driver_builds_the_engine_processor_without_importing_the_engine(tmp_path, data_dir):
