@@ -203,8 +203,8 @@ def stored_result(job: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     result = read_json(path)
-    bad = [k for k in ("accuracy", "parameters") if not isinstance(result, dict) or isinstance(result.get(k), bool)
-           or not isinstance(result.get(k), (int, float))]
+    fields = result if isinstance(result, dict) else {}
+    bad = [k for k in ("accuracy", "parameters") if type(fields.get(k)) not in (int, float)]  # bool is no number
     if bad:
         raise UserError(f"{path}: not a finished trial's result (no number {', '.join(bad)}); restore it, or move "
                         f"the trial's run dir {path.parent} away to train the trial again")

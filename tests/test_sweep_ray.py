@@ -273,6 +273,7 @@ def test_a_damaged_trial_result_stops_a_rerun_in_one_line_and_changes_nothing(re
     shutil.copytree(resumed_sweep["tmp"] / "sweeps", tmp_path / "sweeps")
     victim = sorted((tmp_path / "sweeps").glob("*/*/result.json"))[3]
     victim.write_text(damage(victim.read_text()))
+
     def files():  # every file of the sweep dir but the lock, which notes its last holder
         return {p: p.read_bytes() for p in (tmp_path / "sweeps").rglob("*") if p.is_file() and p.name != ".lock"}
 
@@ -285,6 +286,7 @@ def test_a_damaged_trial_result_stops_a_rerun_in_one_line_and_changes_nothing(re
     assert files() == before and len(before) > 8
     assert not (tmp_path / "mlflow.db").exists() or not _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}",
                                                                       "local-test")
+
 
 def test_one_sweep_trains_a_t5_and_a_decoder_only_student_and_reports_both(students, data_dir, tmp_path):
     """The size axis across families: a random-init T5 and the pretrained SmolLM2 (its own learning
