@@ -31,15 +31,14 @@ from _isolated import leave_nothing_behind
 
 
 def _examples(n: int):
-    from dsbs_ray.prompts import NLI_PROMPT_JOIN
-    from dsbs_ray.tasks import load_examples
+    from dsbs_ray.tasks import teacher_examples
 
-    rows = load_examples("cqa", "train", None, NLI_PROMPT_JOIN) + load_examples("cqa", "test", None, NLI_PROMPT_JOIN)
+    rows = teacher_examples("cqa", "train") + teacher_examples("cqa", "test")
     return rows[:n]
 
 
 def _short_prompt(folder: Path) -> Path:
-    """prompts/cqa.yaml with its first exemplar only."""
+    """The cqa prompt file with its first exemplar only."""
     import yaml
 
     from dsbs_ray.prompts import PROMPTS_DIR
@@ -63,7 +62,7 @@ def child(store: str, rows: int, max_new_tokens: int) -> None:
     spec = TeacherSpec(max_new_tokens=max_new_tokens, batch_size=64, prompts_dir=str(prompts))
     task, prompt = get_task("cqa"), load_prompt("cqa", prompts)
     examples = _examples(rows)
-    entry = annotations.open_entry(store, teacher_identity(spec, "cqa", "bench", prompt))
+    entry = annotations.open_entry(store, teacher_identity(spec, task, "bench", prompt))
     t1 = time.perf_counter()
     annotations.done_samples(entry, [annotations.row_key(e) for e in examples], 1)  # what a resume reads
     resume_read = time.perf_counter() - t1

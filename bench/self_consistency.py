@@ -23,12 +23,12 @@ from _isolated import leave_nothing_behind
 
 
 def run(task_name: str, rows: int, samples: int, max_new_tokens: int) -> dict:
-    from dsbs_ray.prompts import NLI_PROMPT_JOIN, load_prompt
-    from dsbs_ray.tasks import get_task, load_examples
+    from dsbs_ray.prompts import load_prompt
+    from dsbs_ray.tasks import get_task, teacher_examples
     from dsbs_ray.teacher import TeacherSpec, generate
 
     spec = TeacherSpec(temperature=0.7, samples=samples, max_new_tokens=max_new_tokens, batch_size=64)
-    examples = load_examples(task_name, "train", None, NLI_PROMPT_JOIN)[:rows]
+    examples = teacher_examples(task_name, "train")[:rows]
     with tempfile.TemporaryDirectory() as store:
         t0 = time.perf_counter()
         report = generate(spec, get_task(task_name), "train", examples, load_prompt(task_name), store)

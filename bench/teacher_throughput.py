@@ -42,12 +42,11 @@ HERE = Path(__file__).resolve()
 
 
 def _prompts(n: int):
-    from dsbs_ray.prompts import NLI_PROMPT_JOIN, load_prompt
-    from dsbs_ray.tasks import get_task, load_rows
+    from dsbs_ray.prompts import load_prompt
+    from dsbs_ray.tasks import teacher_examples
 
-    prompt, task = load_prompt("svamp"), get_task("svamp")
-    rows, _ = load_rows("svamp", "train")
-    return prompt, [prompt.render(task.to_example(r, i, NLI_PROMPT_JOIN).input) for i, r in enumerate(rows[:n])]
+    prompt = load_prompt("svamp")
+    return prompt, [prompt.render(e.input) for e in teacher_examples("svamp", "train")[:n]]
 
 
 def job_vllm(args) -> dict:

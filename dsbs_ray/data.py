@@ -18,9 +18,8 @@ import torch
 
 from dsbs_ray.annotations import read_samples
 from dsbs_ray.errors import UserError
-from dsbs_ray.prompts import NLI_PROMPT_JOIN
 from dsbs_ray.rationales import choose
-from dsbs_ray.tasks import Example, Parsed, Task, get_task, load_examples, load_teacher_outputs
+from dsbs_ray.tasks import Example, Parsed, Task, get_task, load_examples, load_teacher_outputs, teacher_examples
 
 if TYPE_CHECKING:
     from dsbs_ray.job import TrainConfig
@@ -102,10 +101,10 @@ def teacher_samples(cfg: TrainConfig, n_rows: int, n_split: int) -> list[list[Pa
     """The teacher's samples for the first n_rows of the n_split train rows: from the annotation
     store entry, or (one sample each) the released outputs in the data dir."""
     task = get_task(cfg.task)
-    if cfg.annotations:  # the store keys rows as the teacher saw them (NLI: premise, then hypothesis)
-        view = load_examples(task.name, "train", cfg.data_dir, NLI_PROMPT_JOIN)[:n_rows]
+    if cfg.annotations:  # the store keys rows as the teacher saw them (two texts: its teacher_join)
+        view = teacher_examples(cfg.task, "train", cfg.data_dir)[:n_rows]
         return read_samples(Path(cfg.annotations), view, cfg.samples)
-    outputs = load_teacher_outputs(task.name, "train", cfg.data_dir)
+    outputs = load_teacher_outputs(cfg.task, "train", cfg.data_dir)
     if len(outputs) != n_split:
         raise UserError(f"{task.name}/train: {len(outputs)} teacher outputs for {n_split} rows")
     return [[task.parse(o)] for o in outputs[:n_rows]]
@@ -116,33 +115,35 @@ def fraction_split(cfg: TrainConfig, split: list, load_valid) -> tuple[list, lis
     of the split, validation carved from them (or load_valid() where the task has its own), then the
     nested fraction of the rest. The one place that decides which rows a job reads."""
     train = split[:cfg.train_limit]
-    if get_task(cfg.task).has_valid:
+    task = get_task(cfg.task)
+    if task.has_valid:
         valid, train_idx = load_valid(), list(range(len(train)))
     else:
-        train_idx, valid_idx = carve_validation(len(train))
+        carve = task.spec.carve.valid
+        train_idx, valid_idx = carve_validation(len(train), carve.fraction or VALID_FRACTION, carve.seed)
         valid = [train[i] for i in valid_idx]
     return train, valid, [train_idx[i] for i in fraction_indices(len(train_idx), cfg.fraction, cfg.seed)]
 
 
-def select_rows(cfg: TrainConfig, nli_join: str) -> dict:
+def select_rows(cfg: TrainConfig, join: str) -> dict:
     """Train/valid/test rows for a job: train rows carry the label (gold, or the teacher's vote) and,
     for dsbs, the rationale the filter keeps (dsbs_ray.rationales).
 
     Which rows train: with gold labels, every row of the fraction (so finetune and dsbs-gold train on
     the same rows) unless the filter drops it (unmatched: drop); a row left without a rationale
     trains on its label alone (rows_without_rationale). With teacher labels, rows where no sample's
-    label parses are left out too (dropped_unparsed). nli_join: what stands between an NLI row's
-    premise and hypothesis in the student's input (the student family's choice)."""
+    label parses are left out too (dropped_unparsed). join: what stands between the two
+    texts of a two-text input ({join}: the student family's choice)."""
     task = get_task(cfg.task)
-    split = load_examples(task.name, "train", cfg.data_dir, nli_join)
-    train, valid, used = fraction_split(cfg, split, lambda: load_examples(task.name, "valid", cfg.data_dir, nli_join))
+    split = load_examples(cfg.task, "train", cfg.data_dir, join)
+    train, valid, used = fraction_split(cfg, split, lambda: load_examples(cfg.task, "valid", cfg.data_dir, join))
     chosen = [train[i] for i in used]
     counts = {"dropped_unparsed": 0, "dropped_by_filter": 0, "rows_without_rationale": 0, "rows_with_rationale": 0}
     if cfg.uses_teacher:
         samples = teacher_samples(cfg, len(train), len(split))
         train_rows = []
         for i, ex in zip(used, chosen):
-            c = choose(samples[i], ex.gold, task.metric, cfg.rationale_filter, cfg.unmatched)
+            c = choose(samples[i], ex.gold, task, cfg.rationale_filter, cfg.unmatched)
             if cfg.label_source == "teacher" and not c.teacher_ok:
                 counts["dropped_unparsed"] += 1
             elif not c.keep:
@@ -154,7 +155,7 @@ def select_rows(cfg: TrainConfig, nli_join: str) -> dict:
         counts |= {"rows_with_rationale": with_rationale, "rows_without_rationale": len(train_rows) - with_rationale}
     else:
         train_rows = _rows(chosen)
-    test = load_examples(task.name, "test", cfg.data_dir, nli_join)
+    test = load_examples(cfg.task, "test", cfg.data_dir, join)
     limit = cfg.eval_limit
     return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit])} | counts
 

@@ -52,8 +52,8 @@ def evaluate(student, tokenizer, family, data: dict, split: str, cfg: TrainConfi
                      max_new_tokens=cfg.gen_max_length, device=device, rank=rank, world=world, synced=synced)
     # gold as the tokenizer can express it (what the paper compares against: decoded label tokens)
     golds = tokenizer.batch_decode(tokens["labels"], skip_special_tokens=True)
-    metric = get_task(cfg.task).metric
-    acc = accuracy(preds, golds, metric)
+    match = get_task(cfg.task).match
+    acc = accuracy(preds, golds, match)
     rationales = None
     if "expl_input_ids" in tokens:
         rationales = generate(student, tokenizer, family, tokens["expl_input_ids"], batch_size=cfg.eval_batch_size,
@@ -63,7 +63,7 @@ def evaluate(student, tokenizer, family, data: dict, split: str, cfg: TrainConfi
         with open(predictions_path, "w", encoding="utf-8") as f:
             for i, (row, pred, gold) in enumerate(zip(rows, preds, golds)):
                 line = {"id": row["id"], "input": row["input"], "gold": gold, "prediction": pred,
-                        "correct": accuracy([pred], [gold], metric) == 1.0}
+                        "correct": match(pred, gold)}
                 if rationales is not None:
                     line["rationale"] = rationales[i]
                 f.write(json.dumps(line) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +15,7 @@ from dsbs_ray.data import hash_file
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.students import check_student
-from dsbs_ray.tasks import get_task, load_teacher_outputs
+from dsbs_ray.tasks import get_task, is_labelled, load_examples, load_teacher_outputs, source_tasks
 
 
 # How a job is laid out on its workers; none of it changes the result (the loss is normalised by the
@@ -32,7 +33,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str
+    task: str = Field(description="a built-in task's name, or a task spec's path (absolute once resolved)")
     student: str
     method: Literal["standard", "dsbs"] = "dsbs"
     label_source: Literal["gold", "teacher"] = "gold"
@@ -112,8 +113,10 @@ class TrainConfig(BaseModel):
         for key, default in TEACHER_DEFAULTS.items():  # at their defaults they leave older run names as they were
             if keys[key] == default:
                 del keys[key]
+        task = get_task(self.task).name  # a spec by its name, wherever it lives: its content is in the fingerprint
+        keys["task"] = task
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.task}-{student_name(self.student)}-{self.method}-{self.label_source}-f{self.fraction:g}-s{self.seed}-{digest}"
+        return f"{task}-{student_name(self.student)}-{self.method}-{self.label_source}-f{self.fraction:g}-s{self.seed}-{digest}"
 
 
 def load_config(**kwargs) -> TrainConfig:
@@ -132,7 +135,8 @@ def validate(cfg: TrainConfig) -> None:
     check_student(cfg.student)
     task = get_task(cfg.task)
     if cfg.uses_teacher and not cfg.annotations:  # (store annotations: the sweep generates them first)
-        load_teacher_outputs(task.name, "train", cfg.data_dir)  # raises naming the missing file
+        load_teacher_outputs(cfg.task, "train", cfg.data_dir)  # raises naming the missing file
+    check_labels(cfg.task, cfg.data_dir, cfg.label_source, task.has_valid)
     if cfg.zero != "off":
         try:
             import deepspeed  # noqa: F401
@@ -140,16 +144,39 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError("zero: DeepSpeed is not installed; use --zero off") from None
 
 
-def data_fingerprint(task_name: str, data_dir: str | None, uses_teacher: bool) -> str | None:
-    """A hash of the content of the local files a job reads: the task's split files and, for methods
-    that use the teacher, its train outputs. Re-annotating or editing the data between two runs gives
-    a new run name, so a finished or half-done run on the old data is never picked up. Splits that
-    come from the hub are not hashed (None when nothing is local)."""
-    if not data_dir:
-        return None
-    task = get_task(task_name)
+@lru_cache(maxsize=256)  # a sweep checks many jobs of one task
+def check_labels(task_ref: str, data_dir: str | None, label_source: str, has_valid: bool) -> None:
+    """Gold labels where a job needs them: always on test (and valid), on train for gold-label
+    methods (finetune, dsbs-gold); an unlabelled train split trains from the teacher only."""
+    splits = ["train"] * (label_source == "gold") + ["test"] + ["valid"] * has_valid
+    for split in splits:
+        examples = load_examples(task_ref, split, data_dir)
+        if not examples:
+            raise UserError(f"task {get_task(task_ref).name}: split {split} has no rows")
+        if not is_labelled(examples):
+            why = ("finetune and dsbs-gold train on gold labels; use distill or dsbs-teacher (the teacher's labels)"
+                   if split == "train" else "its rows are scored against them")
+            raise UserError(f"task {get_task(task_ref).name}: split {split} has no gold labels (column "
+                            f"{get_task(task_ref).spec.label!r}): {why}")
+
+
+def data_fingerprint(task_ref: str, data_dir: str | None, uses_teacher: bool) -> str | None:
+    """A hash of the content of the local files a job reads: the task's split files in the data dir
+    and, for methods that use the teacher, its train outputs; for a user's spec, also the spec and
+    the files it names. Re-annotating or editing the data (or the spec) between two runs gives a new
+    run name, so a finished or half-done run on the old data is never picked up. Splits that come
+    from the hub are not hashed (None when nothing is local)."""
+    task = get_task(task_ref)
     digest, seen = hashlib.sha256(), 0
-    for part in (["svamp", "asdiv"] if task.name == "asdiv" else [task.name]):
+    if not task.builtin:  # a built-in spec is the package's (its run names stay as they were)
+        digest.update(f"spec\0{task.content_hash}\0".encode())
+        seen += 1
+        for path in spec_files(task):
+            digest.update(f"{path.name}\0".encode())
+            hash_file(path, digest)
+    if not data_dir:
+        return digest.hexdigest()[:16] if seen else None
+    for part in dict.fromkeys(source_tasks(task_ref, "train") + source_tasks(task_ref, "test")):
         folder = Path(data_dir) / part
         files = [p for p in folder.glob("*.json") if not p.name.startswith(".")]
         if uses_teacher:
@@ -173,10 +200,25 @@ def resolve_paths(cfg: TrainConfig, fingerprints: dict | None = None) -> TrainCo
     fingerprint = cfg.data_fingerprint
     if fingerprint is None:
         memo = {} if fingerprints is None else fingerprints
-        key = (cfg.task, data_dir, cfg.uses_teacher and not cfg.annotations)
+        key = (task_ref(cfg.task), data_dir, cfg.uses_teacher and not cfg.annotations)
         if key not in memo:
             memo[key] = data_fingerprint(*key)
         fingerprint = memo[key]
     return cfg.model_copy(update={
-        "student": student, "output_dir": str(Path(cfg.output_dir).resolve()), "data_dir": data_dir,
+        "task": task_ref(cfg.task), "student": student, "output_dir": str(Path(cfg.output_dir).resolve()), "data_dir": data_dir,
         "data_fingerprint": fingerprint})
+
+
+def task_ref(task: str) -> str:
+    """How a job names its task to other processes: a built-in's name, else its spec's absolute path."""
+    return get_task(task).ref
+
+
+def spec_files(task) -> list:
+    """The local data files a user's spec names (their content is part of its runs' identity)."""
+    files = []
+    for split in ("train", "valid", "test", "all"):
+        for src in getattr(task.spec.data, split) or []:
+            if src.file and not src.file.startswith("{data_dir}") and task.resolve(src.file).is_file():
+                files.append(task.resolve(src.file))
+    return files

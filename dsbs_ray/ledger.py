@@ -94,14 +94,14 @@ def teacher_tokens(job, prompts_dir: str | None = None) -> dict:
     prompts with the teacher's tokenizer; released outputs: both estimated (no PaLM tokenizer)."""
     from dsbs_ray.annotations import read_samples
     from dsbs_ray.data import fraction_split
-    from dsbs_ray.prompts import NLI_PROMPT_JOIN, load_prompt
-    from dsbs_ray.tasks import load_examples, load_teacher_outputs
+    from dsbs_ray.prompts import load_prompt
+    from dsbs_ray.tasks import load_teacher_outputs, teacher_examples
 
     none = {"teacher_rows": 0, "teacher_samples": 0, "teacher_prompt_tokens": 0, "teacher_output_tokens": 0,
             "teacher_tokens_counted": "no teacher"}
     if not job.uses_teacher:
         return none
-    split = load_examples(job.task, "train", job.data_dir, NLI_PROMPT_JOIN)
+    split = teacher_examples(job.task, "train", job.data_dir)
     train, _, used = fraction_split(job, split, list)
     rows = [train[i] for i in used]
     prompt = load_prompt(job.task, prompts_dir)
@@ -136,7 +136,7 @@ def task_profile(task: str, data_dir: str | None, train_limit: int | None) -> di
     released teacher output and a teacher prompt; up to ESTIMATE_SAMPLE_ROWS rows of each are read."""
     from dsbs_ray.errors import UserError
     from dsbs_ray.prompts import load_prompt
-    from dsbs_ray.tasks import default_data_dir, get_task, has_local, load_examples, load_teacher_outputs
+    from dsbs_ray.tasks import default_data_dir, get_task, load_examples, load_teacher_outputs, split_is_local
 
     def mean(values):
         return sum(values) / len(values) if values else 0.0
@@ -145,7 +145,7 @@ def task_profile(task: str, data_dir: str | None, train_limit: int | None) -> di
     rows, sample = None, []
     local = Path(data_dir) if data_dir else default_data_dir()
     for split in get_task(task).splits:  # only what is here: an estimate never waits on the hub
-        if task != "asdiv" and (local is None or not has_local(get_task(task), split, local)):
+        if not split_is_local(task, split, local):
             continue
         try:
             examples = load_examples(task, split, data_dir)

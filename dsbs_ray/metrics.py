@@ -1,4 +1,4 @@
-"""Task metrics: exact match for text labels, equation value for math word problems.
+"""The equation metric (SVAMP, ASDiv) and accuracy; each answer kind's scoring is in dsbs_ray.answers.
 
 Equations are model output, so they are parsed by a small recursive-descent parser over
 exact rationals and never handed to Python's `eval`.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 MAX_EQUATION_CHARS = 512
 MAX_DEPTH = 32
@@ -126,18 +126,10 @@ def equation_match(prediction: str, gold: str) -> bool:
     return pred_value is not None and gold_value is not None and pred_value == gold_value
 
 
-def text_match(prediction: str, gold: str) -> bool:
-    return prediction == gold
-
-
-METRICS = {"exact_match": text_match, "equation": equation_match}
-
-
-def accuracy(predictions: Sequence[str], golds: Sequence[str], metric: str) -> float:
-    """Fraction of predictions that match their gold label under `metric`."""
+def accuracy(predictions: Sequence[str], golds: Sequence[str], match: Callable[[str, str], bool]) -> float:
+    """Fraction of predictions that match their gold label (match: a task's, Task.match)."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
     if not golds:
         return 0.0
-    match = METRICS[metric]
     return sum(match(p, g) for p, g in zip(predictions, golds)) / len(golds)

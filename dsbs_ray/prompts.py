@@ -1,5 +1,5 @@
-"""Few-shot chain-of-thought prompts: loading `prompts/<task>.yaml`, building the byte-identical
-exemplar prefix, and the prompt hash that keys resumable annotation runs."""
+"""Few-shot chain-of-thought prompts: a task spec's `prompt` (inline, or a prompt file), building the
+byte-identical exemplar prefix, and the prompt hash that keys resumable annotation runs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsbs_ray.errors import UserError
-from dsbs_ray.tasks import get_task, read_yaml
+from dsbs_ray.task_spec import BUILTIN_DIR, PromptSpec, get_task, load_prompt_file
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
-NLI_PROMPT_JOIN = "\nHypothesis: "  # NLI rows are shown to the teacher as premise, then this, then hypothesis
+PROMPTS_DIR = BUILTIN_DIR / "prompts"  # the built-in tasks' prompt files
 
 
 @dataclass(frozen=True)
@@ -30,28 +29,27 @@ class Prompt:
         return self.prefix + self.query.format(input=model_input)
 
 
-def load_prompt(task_name: str, prompts_dir: Path | str | None = None) -> Prompt:
-    """The task's prompt, checked: every exemplar must parse back to its answer with the task parser."""
-    task = get_task(task_name)
-    path = Path(prompts_dir or PROMPTS_DIR) / f"{task.name}.yaml"
-    spec = read_yaml(path, f"few-shot prompt for task {task.name}; see prompts/README.md")
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: expected a mapping with exemplar, query, stop, exemplars")
-    for key in ("exemplar", "query", "exemplars"):
-        if key not in spec:
-            raise UserError(f"{path}: missing field {key!r}")
-    exemplar, query = spec["exemplar"], spec["query"]
-    if "{input}" not in query or not all(f in exemplar for f in ("{input}", "{rationale}", "{answer}")):
-        raise UserError(f"{path}: 'query' needs {{input}}; 'exemplar' needs {{input}}, {{rationale}}, {{answer}}")
+def load_prompt(task_ref: str, prompts_dir: Path | str | None = None) -> Prompt:
+    """The task's prompt (prompts_dir/NAME.yaml instead, where given), checked: every exemplar,
+    written out and cut after its rationale, must parse with the task's own parser (a fixed label
+    set's exemplars to one of its labels)."""
+    task = get_task(task_ref)
+    if prompts_dir is not None:
+        path = Path(prompts_dir) / f"{task.name}.yaml"
+        spec = load_prompt_file(path, f"few-shot prompt for task {task.name}")
+    elif isinstance(task.spec.prompt, PromptSpec):
+        path, spec = task.path, task.spec.prompt
+    else:
+        path, spec = task.resolve(task.spec.prompt), task.prompt_spec
     parts = []
-    for i, ex in enumerate(spec["exemplars"]):
-        missing = [k for k in ("input", "rationale", "answer") if k not in (ex or {})]
-        if missing:
-            raise UserError(f"{path}: exemplar {i} has no field {missing[0]!r}")
-        text = exemplar.format(**ex)
-        completion = text[len(query.format(input=ex["input"])):]
+    for i, ex in enumerate(spec.exemplars):
+        text = spec.exemplar.format(**ex.model_dump())
+        completion = text[len(spec.query.format(input=ex.input)):]
         parsed = task.parse(completion)
         if not parsed.ok:
-            raise UserError(f"{path}: exemplar {i} does not parse with the {task.name} parser ({parsed.status})")
+            raise UserError(f"{path}: exemplar {i} does not parse with the {task.name} parser ({parsed.status}; the "
+                            f"answer must follow {task.answer.marker!r} once, as {task.answer_hint!r})")
+        if task.answer.labels and parsed.label not in task.answer.labels:
+            raise UserError(f"{path}: exemplar {i} answers {parsed.label!r}, not one of {', '.join(task.answer.labels)}")
         parts.append(text)
-    return Prompt(task.name, "".join(parts), query, tuple(spec.get("stop", ())), str(path))
+    return Prompt(task.name, "".join(parts), spec.query, tuple(spec.stop), str(path))

@@ -20,21 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from dsbs_ray.metrics import METRICS, eval_equation
-from dsbs_ray.tasks import Parsed
+from dsbs_ray.tasks import Parsed, Task
 
 FILTERS = ("none", "agree-vote", "agree-gold")
 RationaleFilter = Literal["none", "agree-vote", "agree-gold"]
 Unmatched = Literal["no-rationale", "drop"]
-
-
-def vote_key(label: str, metric: str):
-    """What two labels must share to be one vote: an equation's value, else the stripped text."""
-    if metric == "equation":
-        value = eval_equation(label)
-        if value is not None:
-            return ("value", value)
-    return ("text", label.strip())
 
 
 @dataclass(frozen=True)
@@ -49,14 +39,14 @@ class Vote:
         return self.samples > 0 and self.votes == self.samples
 
 
-def vote(samples: Sequence[Parsed], metric: str) -> Vote:
+def vote(samples: Sequence[Parsed], task: Task) -> Vote:
     """Majority of the parsed labels; ties to the label seen first."""
     counts: dict = {}
     first: dict = {}
     for i, s in enumerate(samples):
         if not s.ok:
             continue
-        key = vote_key(s.label, metric)
+        key = task.vote_key(s.label)
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, i)
     if not counts:
@@ -75,16 +65,15 @@ class Choice:
     keep: bool  # False: the row is dropped (unmatched: drop)
 
 
-def choose(samples: Sequence[Parsed], gold: str, metric: str, rationale_filter: str = "none",
+def choose(samples: Sequence[Parsed], gold: str, task: Task, rationale_filter: str = "none",
            unmatched: str = "no-rationale") -> Choice:
-    v = vote(samples, metric)
+    v = vote(samples, task)
     if rationale_filter == "none":
         pick = v.first if v.first is not None else (0 if samples else None)
     elif rationale_filter == "agree-vote":
         pick = v.first
     elif rationale_filter == "agree-gold":
-        match = METRICS[metric]
-        pick = next((i for i, s in enumerate(samples) if s.ok and match(s.label, gold)), None)
+        pick = next((i for i, s in enumerate(samples) if s.ok and task.match(s.label, gold)), None)
     else:
         raise ValueError(f"unknown rationale filter {rationale_filter!r}")
     rationale = samples[pick].rationale if pick is not None else ""
@@ -92,16 +81,16 @@ def choose(samples: Sequence[Parsed], gold: str, metric: str, rationale_filter: 
     return Choice(v.label, v.first is not None, rationale, keep)
 
 
-def teacher_scores(rows: Sequence[Sequence[Parsed]], golds: Sequence[str], metric: str) -> dict:
+def teacher_scores(rows: Sequence[Sequence[Parsed]], golds: Sequence[str], task: Task) -> dict:
     """The teacher's accuracy on a split from its samples: of sample 0 (the paper's greedy answer),
     of the vote, and how far the samples agree (mean share of a row's samples that reach its vote;
     share of rows where all samples agree)."""
-    match = METRICS[metric]
+    match = task.match
     n = len(rows)
     if not n:
         return {"rows": 0, "first_sample_accuracy": 0.0, "vote_accuracy": 0.0, "agreement": 0.0, "unanimous": 0.0,
                 "parse_failures": 0}
-    votes = [vote(r, metric) for r in rows]
+    votes = [vote(r, task) for r in rows]
     first_right = sum(bool(r) and r[0].ok and match(r[0].label, g) for r, g in zip(rows, golds))
     vote_right = sum(v.first is not None and match(v.label, g) for v, g in zip(votes, golds))
     return {"rows": n, "first_sample_accuracy": first_right / n, "vote_accuracy": vote_right / n,

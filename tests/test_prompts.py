@@ -32,9 +32,9 @@ def test_every_exemplar_parses_back_to_its_answer():
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("exemplar: x\n", "missing field"),
+    ("exemplar: x\n", "query: Field required"),
     ("[unclosed", "not valid YAML"),
-    ('exemplar: "{input} {rationale} {answer}"\nquery: "{input}"\nexemplars:\n  - input: a\n    rationale: b\n', "no field 'answer'"),
+    ('exemplar: "{input} {rationale} {answer}"\nquery: "{input}"\nexemplars:\n  - input: a\n    rationale: b\n', "exemplars.0.answer: Field required"),
     ('exemplar: "Q: {input}\\nA: {rationale} {answer}"\nquery: "Q: {input}\\nA:"\nexemplars:\n'
      '  - input: a\n    rationale: b\n    answer: c\n', "does not parse"),
 ])

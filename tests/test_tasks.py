@@ -3,11 +3,13 @@ import json
 import pytest
 
 from dsbs_ray.errors import UserError
-from dsbs_ray.tasks import (
-    TASKS, get_task, load_examples, load_teacher_outputs, parse_equation, parse_multiple_choice,
-    parse_nli_answer_line, parse_nli_so_answer,
-)
+from dsbs_ray.task_spec import known_tasks
+from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
 from dsbs_ray.teacher import teacher_report
+
+TASKS = ["cqa", "svamp", "asdiv", "esnli", "anli1"]
+parse_multiple_choice, parse_equation = get_task("cqa").parse, get_task("svamp").parse
+parse_nli_answer_line, parse_nli_so_answer = get_task("esnli").parse, get_task("anli1").parse
 
 # --- input formatting, exactly as the paper builds its inputs --------------------------------
 
@@ -150,6 +152,11 @@ def test_svamp_and_answers_are_rejected_not_evaluated(data_dir):
 # --- bad input ------------------------------------------------------------------------------
 
 
+def test_the_built_in_tasks_are_spec_files():
+    assert sorted(known_tasks()) == sorted(TASKS)
+    assert all(get_task(t).builtin and get_task(t).path.suffix == ".yaml" for t in TASKS)
+
+
 def test_unknown_task_lists_known():
     with pytest.raises(UserError) as e:
         get_task("gsm8k")
@@ -180,7 +187,12 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 
 def test_row_missing_field_names_it(tmp_path):
+    """A column the data lacks: named with the spec file and field; a later row without it: its row."""
     (tmp_path / "cqa").mkdir()
     (tmp_path / "cqa" / "cqa_test.json").write_text('{"id": "a", "question": "q", "answer": "x"}\n')
-    with pytest.raises(UserError, match="row 0 has no field 'choices'"):
+    with pytest.raises(UserError, match=r"cqa.yaml: input: \{choices\} is not a column of .*cqa_test.json"):
+        load_examples("cqa", "test", tmp_path)
+    (tmp_path / "cqa" / "cqa_test.json").write_text('{"id": "a", "question": "q", "answer": "x", "choices": ["x", "y"]}\n'
+                                                    '{"id": "b", "question": "q", "answer": "x"}\n')
+    with pytest.raises(UserError, match="cqa_test.json: row 1 has no field 'choices'"):
         load_examples("cqa", "test", tmp_path)

@@ -244,10 +244,11 @@ def test_the_driver_builds_the_engine_processor_without_importing_the_engine(tmp
 import json, sys
 from dsbs_ray.prompts import load_prompt
 from dsbs_ray.ray_init import init_ray
+from dsbs_ray.tasks import get_task
 from dsbs_ray.teacher import AnnotateConfig, _processor, _resolve_model
 cfg = _resolve_model(AnnotateConfig(task="svamp", split="test", data_dir={str(data_dir)!r}))
 init_ray()
-processor = _processor(cfg, "svamp", load_prompt("svamp"))
+processor = _processor(cfg, get_task("svamp"), load_prompt("svamp"))
 seen = {{m: m in sys.modules for m in ("vllm", "transformers.models.llama")}}
 import vllm.v1.engine.exceptions
 print(json.dumps(seen | {{"vllm_after": "vllm" in sys.modules, "processor": type(processor).__name__}}))
