@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dsbs_ray.metrics import equation_match, eval_equation
 
@@ -51,6 +51,13 @@ class AnswerSpec(BaseModel):
     regex: str | None = Field(None, description="what a completion must match under structured output (teacher "
                               "--structured); default: from the kind and marker")
 
+    @field_validator("labels", "label_map", mode="before")
+    @classmethod
+    def _as_text(cls, value):  # YAML reads `0: entailment` and `labels: [1, 2]` as numbers; labels are text
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        return [str(v) for v in value] if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _choice_has_a_set(self):
         if self.kind == "choice" and (self.labels is None) == (self.choices is None):
@@ -65,7 +72,7 @@ class AnswerSpec(BaseModel):
 
 _LETTER = re.compile(r"\([a-z]\)")
 _EQUATION = re.compile(r"\(.*\)")
-_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)")
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def cut_pattern(query: str) -> re.Pattern:
@@ -114,8 +121,7 @@ def read_number(text: str) -> Fraction | None:
     match = _NUMBER.search(text) if isinstance(text, str) else None
     if match is None:
         return None
-    digits = match.group(0).replace(",", "")
-    return Fraction(digits) if digits.strip("+-") not in ("", ".") else None
+    return Fraction(match.group(0).replace(",", "").rstrip(","))
 
 
 def match(answer: AnswerSpec, prediction: str, gold: str) -> bool:

@@ -18,7 +18,7 @@ import torch
 
 from dsbs_ray.annotations import read_samples
 from dsbs_ray.errors import UserError
-from dsbs_ray.rationales import choose
+from dsbs_ray.rationales import choose, vote
 from dsbs_ray.tasks import Example, Parsed, Task, get_task, load_examples, load_teacher_outputs, teacher_examples
 
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ def select_rows(cfg: TrainConfig, join: str) -> dict:
     counts = {"dropped_unparsed": 0, "dropped_by_filter": 0, "rows_without_rationale": 0, "rows_with_rationale": 0}
     if cfg.uses_teacher:
         samples = teacher_samples(cfg, len(train), len(split))
+        if any(not e.gold for e in valid) and not task.has_valid:  # carved from unlabelled train: the teacher's
+            at = {id(e): i for i, e in enumerate(train)}  # (valid holds train's own Example objects)
+            valid = [e if e.gold else Example(e.id, e.input, vote(samples[at[id(e)]], task).label) for e in valid]
         train_rows = []
         for i, ex in zip(used, chosen):
             c = choose(samples[i], ex.gold, task, cfg.rationale_filter, cfg.unmatched)

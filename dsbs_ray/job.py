@@ -15,7 +15,7 @@ from dsbs_ray.data import hash_file
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.students import check_student
-from dsbs_ray.tasks import get_task, is_labelled, load_examples, load_teacher_outputs, source_tasks
+from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs, source_tasks
 
 
 # How a job is laid out on its workers; none of it changes the result (the loss is normalised by the
@@ -149,15 +149,18 @@ def check_labels(task_ref: str, data_dir: str | None, label_source: str, has_val
     """Gold labels where a job needs them: always on test (and valid), on train for gold-label
     methods (finetune, dsbs-gold); an unlabelled train split trains from the teacher only."""
     splits = ["train"] * (label_source == "gold") + ["test"] + ["valid"] * has_valid
+    task = get_task(task_ref)
     for split in splits:
         examples = load_examples(task_ref, split, data_dir)
+        unlabelled = sum(not e.gold for e in examples)
         if not examples:
-            raise UserError(f"task {get_task(task_ref).name}: split {split} has no rows")
-        if not is_labelled(examples):
+            raise UserError(f"task {task.name}: split {split} has no rows")
+        if unlabelled:
             why = ("finetune and dsbs-gold train on gold labels; use distill or dsbs-teacher (the teacher's labels)"
                    if split == "train" else "its rows are scored against them")
-            raise UserError(f"task {get_task(task_ref).name}: split {split} has no gold labels (column "
-                            f"{get_task(task_ref).spec.label!r}): {why}")
+            what = ("no gold labels" if unlabelled == len(examples)
+                    else f"{unlabelled} of {len(examples)} rows without a gold label")
+            raise UserError(f"task {task.name}: split {split} has {what} (column {task.spec.label!r}): {why}")
 
 
 def data_fingerprint(task_ref: str, data_dir: str | None, uses_teacher: bool) -> str | None:

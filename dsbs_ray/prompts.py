@@ -51,5 +51,8 @@ def load_prompt(task_ref: str, prompts_dir: Path | str | None = None) -> Prompt:
                             f"answer must follow {task.answer.marker!r} once, as {task.answer_hint!r})")
         if task.answer.labels and parsed.label not in task.answer.labels:
             raise UserError(f"{path}: exemplar {i} answers {parsed.label!r}, not one of {', '.join(task.answer.labels)}")
+        if not task.answer.choices and not task.match(parsed.label, ex.answer):
+            raise UserError(f"{path}: exemplar {i}: its answer {ex.answer!r} reads back as {parsed.label!r} with the "
+                            f"{task.answer.kind} parser")
         parts.append(text)
     return Prompt(task.name, "".join(parts), spec.query, tuple(spec.stop), str(path))

@@ -389,7 +389,7 @@ def annotate_teachers(cfg: SweepConfig, jobs: list[TrainConfig], requests: list[
     for r in requests:
         report = generate(r["spec"], get_task(r["task"]), r["split"], r["examples"], r["prompt"], cfg.annotation_store)
         generated += report["generated_now"]
-        print(f"teacher {r['spec'].label()} on {r['task']}/{r['split']}: {report['rows']} rows x {r['spec'].samples} "
+        print(f"teacher {r['spec'].label()} on {get_task(r['task']).name}/{r['split']}: {report['rows']} rows x {r['spec'].samples} "
               f"samples ({report['generated_now']} generated now), vote accuracy {report['vote_accuracy']:.4f}, "
               f"first sample {report['first_sample_accuracy']:.4f}, agreement {report['agreement']:.3f}",
               file=sys.stderr)

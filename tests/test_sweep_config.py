@@ -173,9 +173,15 @@ def test_agree_gold_on_a_train_split_without_gold_is_one_line(tmp_path, students
     for row in rows[:7]:
         row["label"] = ""  # a user's rows the teacher should label, with no gold
     (data / "svamp_train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = _sweep_file(tmp_path, students, tmp_path / "D", methods=["dsbs-gold"], rationale_filter=["none", "agree-gold"],
-                       teacher={"model": "embedded:smollm2-135m-instruct"}, annotation_store=str(tmp_path / "store"))
+    path = _sweep_file(tmp_path, students, tmp_path / "D", methods=["dsbs-teacher"],
+                       rationale_filter=["none", "agree-gold"], teacher={"model": "embedded:smollm2-135m-instruct"},
+                       annotation_store=str(tmp_path / "store"))
     with pytest.raises(UserError, match="agree-gold needs gold labels, but 7 of 20 rows of svamp/train have none"):
+        check_sweep(load_sweep(path))
+    # gold-label methods on those rows: refused before any engine starts, naming the count
+    path = _sweep_file(tmp_path, students, tmp_path / "D", methods=["dsbs-gold"], rationale_filter="none",
+                       teacher={"model": "embedded:smollm2-135m-instruct"}, annotation_store=str(tmp_path / "store"))
+    with pytest.raises(UserError, match="split train has 7 of 20 rows without a gold label .*use distill or dsbs-teacher"):
         check_sweep(load_sweep(path))
 
 
