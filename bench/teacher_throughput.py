@@ -54,7 +54,8 @@ def job_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
 
     from dsbs_ray.embedded import smollm2_path
-    from dsbs_ray.teacher import TeacherSpec, engine_settings
+    from dsbs_ray.engines import engine_settings
+    from dsbs_ray.teacher import TeacherSpec
 
     prompt, prompts = _prompts(args.rows)
     engine, _ = engine_settings(TeacherSpec(), gpus=0)
@@ -159,7 +160,8 @@ def main():
     smollm2_path()  # converted once, outside every timing
     cores = sorted(os.sched_getaffinity(0))[:args.threads]
     bind = ",".join(map(str, cores))
-    from dsbs_ray.teacher import TeacherSpec, engine_settings
+    from dsbs_ray.engines import engine_settings
+    from dsbs_ray.teacher import TeacherSpec
 
     # The pipeline runs in the caller's environment, as a user runs it: its engine binds the budget's
     # cores itself, one thread a core (given the cores as a user gives them, VLLM_CPU_OMP_THREADS_BIND,

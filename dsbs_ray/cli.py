@@ -66,7 +66,7 @@ def teacher_cmd(
 ) -> None:
     """Annotate task splits with a teacher (Ray Data + vLLM); resumable. One JSON report line per split."""
     from dsbs_ray.tasks import load_rows
-    from dsbs_ray.teacher import AnnotateConfig, annotate, check
+    from dsbs_ray.teacher import AnnotateConfig, annotate_all, check
 
     configs = []
     for task in (tasks or "cqa,svamp,esnli,anli1").split(","):
@@ -90,9 +90,9 @@ def teacher_cmd(
         raise UserError("splits: no split of the default tasks can be loaded here; pass --data-dir or --tasks")
     for cfg in ready:  # every user error surfaces before any engine starts
         check(cfg)
-    for cfg in ready:
-        with contextlib.redirect_stdout(sys.stderr):  # engine logs (forwarded by Ray) stay off our JSON stdout
-            report = annotate(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # engine logs (forwarded by Ray) stay off our JSON stdout
+        reports = annotate_all(ready)  # one pipeline: the engines start once for every task and split
+    for report in reports:
         print(json.dumps(report), flush=True)
 
 
@@ -210,9 +210,9 @@ def train_cmd(
     )
     with contextlib.redirect_stdout(sys.stderr):  # worker logs (forwarded by Ray) stay off our JSON stdout
         metrics = train(cfg, use_ray=ray)
-    keys = ["accuracy", "valid_accuracy", "steps", "examples_per_s", "wall_seconds", "checkpoint", "task", "student",
-            "method", "label_source", "fraction", "seed", "parameters", "train_rows", "dropped_unparsed", "rows_with_rationale",
-            "resumed_from_step", "first_loss", "final_loss", "predictions"]
+    keys = ["accuracy", "valid_accuracy", "steps", "examples_per_s", "wall_seconds", "checkpoint", "task", "task_spec",
+            "student", "method", "label_source", "fraction", "seed", "parameters", "train_rows", "dropped_unparsed",
+            "rows_with_rationale", "resumed_from_step", "first_loss", "final_loss", "predictions"]
     print(json.dumps({k: metrics.get(k) for k in keys}))
 
 

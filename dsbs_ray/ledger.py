@@ -203,6 +203,7 @@ def estimate_grid(cfg, jobs: list) -> tuple[list[dict], dict]:
     all its trials (the store shares it): the totals count the largest fraction's rows once."""
     from dsbs_ray.job import student_name
     from dsbs_ray.students import estimate_parameters
+    from dsbs_ray.task_spec import get_task
 
     specs = {s.id: s for s in cfg.students}
     teachers = {t.label(): t for t in cfg.teacher_list() if t != "released"}
@@ -213,7 +214,7 @@ def estimate_grid(cfg, jobs: list) -> tuple[list[dict], dict]:
         spec = teachers.get(job.teacher)
         samples = spec.samples if spec else 1
         est = estimate_trial(job, sizes[job.student] or 0, samples, spec.max_new_tokens if spec else None, cfg.prices)
-        per_trial.append({"task": job.task, "student": student_name(job.student),
+        per_trial.append({"task": get_task(job.task).name, "student": student_name(job.student),
                           "parameters": sizes[job.student], "fraction": job.fraction, "method": job.method,
                           "label_source": job.label_source, "teacher": job.teacher if job.uses_teacher else None} | est)
         if job.uses_teacher:

@@ -382,19 +382,27 @@ def annotate_teachers(cfg: SweepConfig, jobs: list[TrainConfig], requests: list[
     """The annotation stage: each request's missing samples generated into the store (resumable,
     shared), the engines gone before the first trial. Returns the teachers' lines per "task/teacher":
     accuracy (the vote's), first-sample accuracy, agreement, split, rows."""
+    from dsbs_ray.engines import wait_engines_released
     from dsbs_ray.report import released_teacher_line
-    from dsbs_ray.teacher import generate, wait_engines_released
+    from dsbs_ray.teacher import Request, generate_all
 
     lines, generated = {}, 0
+    teachers: dict[str, list[dict]] = {}  # one pipeline per teacher: its engines start once for every task and split
     for r in requests:
-        report = generate(r["spec"], get_task(r["task"]), r["split"], r["examples"], r["prompt"], cfg.annotation_store)
-        generated += report["generated_now"]
-        print(f"teacher {r['spec'].label()} on {get_task(r['task']).name}/{r['split']}: {report['rows']} rows x {r['spec'].samples} "
-              f"samples ({report['generated_now']} generated now), vote accuracy {report['vote_accuracy']:.4f}, "
-              f"first sample {report['first_sample_accuracy']:.4f}, agreement {report['agreement']:.3f}",
-              file=sys.stderr)
-        if r["split"] == "test":
-            lines[f"{r['task']}/{r['spec'].label()}"] = report | {"split": "test"}
+        teachers.setdefault(r["spec"].label(), []).append(r)
+    for group in teachers.values():
+        reports = generate_all(group[0]["spec"], [Request(get_task(r["task"]), r["split"], r["examples"], r["prompt"])
+                                                  for r in group], cfg.annotation_store)
+        for r, report in zip(group, reports):
+            generated += report["generated_now"]
+            scores = ", ".join(f"{what} {report[key]:.4f}" if report[key] is not None else f"{what} - (no gold)"
+                               for what, key in (("vote accuracy", "vote_accuracy"),
+                                                 ("first sample", "first_sample_accuracy")))
+            print(f"teacher {r['spec'].label()} on {get_task(r['task']).name}/{r['split']}: {report['rows']} rows x "
+                  f"{r['spec'].samples} samples ({report['generated_now']} generated now), {scores}, "
+                  f"agreement {report['agreement']:.3f}", file=sys.stderr)
+            if r["split"] == "test":
+                lines[f"{r['task']}/{r['spec'].label()}"] = report | {"split": "test"}
     if generated:
         wait_engines_released()
     for task, teacher in {(j.task, j.teacher) for j in jobs if j.uses_teacher and j.annotations is None}:

@@ -61,7 +61,10 @@ def _source_rows(task: Task, src: Source, data_dir: Path | None) -> tuple[list[d
         try:
             rows = list(datasets.load_dataset(src.hub.path, src.hub.name, split=src.hub.split))
         except (ConnectionError, OSError, ValueError) as e:
-            raise UserError(f"{task.path}: could not load {where}: {str(e).splitlines()[0]}") from None
+            local = [released_path(task, split, data_dir) for split, name in (task.spec.data.hub.splits.items()
+                     if task.spec.data.hub else ()) if name == src.hub.split and data_dir is not None]
+            no_file = f"no {local[0]} and " if local else ""
+            raise UserError(f"{task.path}: {no_file}could not load {where}: {str(e).splitlines()[0]}") from None
     else:
         path = task.resolve(src.file, data_dir)
         where = str(path)

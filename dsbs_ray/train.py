@@ -37,6 +37,7 @@ from dsbs_ray.loss import multitask_loss
 from dsbs_ray.ray_init import init_ray
 from dsbs_ray.sessions import LocalSession, RaySession
 from dsbs_ray.students import count_parameters, fetch_student, load_student, load_tokenizer, resolve_student
+from dsbs_ray.task_spec import get_task
 
 
 def _log(rank: int, message: str):
@@ -212,7 +213,8 @@ def train_loop(config: dict, session=None) -> dict | None:
     if rank != 0:
         return None
     return {
-        "task": cfg.task, "student": cfg.student, "family": family.NAME, "method": cfg.method,
+        "task": get_task(cfg.task).name, "task_spec": cfg.task, "student": cfg.student, "family": family.NAME,
+        "method": cfg.method,
         "label_source": cfg.label_source,
         "fraction": cfg.fraction, "seed": cfg.seed, "parameters": parameters,
         "train_rows": len(tokens["labels"]), "train_tokens": train_tokens, "dropped_unparsed": data["rows"]["dropped_unparsed"],

@@ -12,7 +12,7 @@ import pytest
 
 from dsbs_ray.errors import UserError
 from dsbs_ray.job import load_config, resolve_paths, validate
-from dsbs_ray.task_authoring import check_spec, new_spec
+from dsbs_ray.task_authoring import check_spec
 from dsbs_ray.tasks import get_task, load_examples, load_teacher_outputs
 from dsbs_ray.teacher import teacher_report
 
@@ -209,3 +209,16 @@ def test_task_new_writes_a_spec_that_checks(tmp_path):
     assert line["exemplars_to_write"] == 4
     again = _dsbs("task", "new", "tickets", "--from", tmp_path / "tickets.csv")
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_dsbs_train_takes_a_spec_path(tmp_path, students):
+    shutil.copytree(EXAMPLES, tmp_path / "mine")
+    r = _dsbs("train", "--task", "./shop.yaml", "--student", students["t5-tiny-s"], "--method", "standard",
+              "--max-steps", 2, "--batch-size", 4, "--eval-every", 2, "--eval-limit", 4, "--max-input-length", 64,
+              "--zero", "off", "--no-ray", "--output-dir", tmp_path / "runs", cwd=tmp_path / "mine")
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (line["task"], line["task_spec"], line["steps"]) == ("shop", str(tmp_path / "mine" / "shop.yaml"), 2)
+    assert line["train_rows"] == 144  # 160 rows less the 16 carved for validation
+    preds = [json.loads(x) for x in Path(line["predictions"]).read_text().splitlines()]
+    assert [p["gold"] for p in preds] == [e.gold for e in load_examples(str(tmp_path / "mine" / "shop.yaml"), "test")[:4]]

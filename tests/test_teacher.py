@@ -15,7 +15,8 @@ import pytest
 
 from dsbs_ray.errors import UserError
 from dsbs_ray.embedded import smollm2_path
-from dsbs_ray.teacher import AnnotateConfig, annotate, bound_cores, check, engine_env
+from dsbs_ray.engines import bound_cores, engine_env
+from dsbs_ray.teacher import AnnotateConfig, annotate, annotate_all, check
 from dsbs_ray.tasks import load_examples, load_teacher_outputs
 from ports import free_port
 
@@ -41,6 +42,27 @@ def _engine_core_env(stop: threading.Event, seen: list) -> None:
             except psutil.Error:
                 pass
         time.sleep(0.5)
+
+
+def _engine_cores(stop: threading.Event, pids: set) -> None:
+    """Records the PID of every vLLM engine core that starts among this process's descendants (one
+    already there, e.g. the last call's still shutting down, is not counted)."""
+    import psutil
+
+    def running():
+        found = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.cmdline()[:1] == ["VLLM::EngineCore"]:
+                    found.add(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    before = running()
+    while not stop.is_set():
+        pids.update(running() - before)
+        time.sleep(0.2)
 
 
 def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_path, data_dir, monkeypatch):
@@ -93,6 +115,17 @@ def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_pat
     smaller = annotate(_cfg(tmp_path, data_dir, limit=3))
     assert smaller["complete"] and smaller["rows"] == 3 and smaller["generated_now"] == 0
     assert smaller["rows_in_layout"] == 6 and len(load_teacher_outputs("svamp", "test", out)) == 6
+
+    # two splits in one call (dsbs teacher --splits test,train): one pipeline, one engine start
+    stop, engine_cores = threading.Event(), set()
+    watcher = threading.Thread(target=_engine_cores, args=(stop, engine_cores), daemon=True)
+    watcher.start()
+    both = annotate_all([_cfg(tmp_path, data_dir, limit=8), _cfg(tmp_path, data_dir, split="train", limit=2)])
+    stop.set()
+    watcher.join()
+    assert [(r["split"], r["complete"], r["generated_now"]) for r in both] == [("test", True, 2), ("train", True, 2)]
+    assert len(engine_cores) == 1
+    assert len(load_teacher_outputs("svamp", "train", out)) == 2 and len(load_teacher_outputs("svamp", "test", out)) == 8
 
 
 def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
@@ -195,7 +228,7 @@ def test_engine_placement_follows_the_cluster_not_the_drivers_torch(tmp_path, da
     cluster with GPUs gets GPU engines (vLLM picks the dtype there) whatever the driver sees."""
     import torch
 
-    from dsbs_ray.teacher import cluster_gpus, engine_settings
+    from dsbs_ray.engines import cluster_gpus, engine_settings
     from dsbs_ray.ray_init import init_ray
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -244,11 +277,13 @@ def test_the_driver_builds_the_engine_processor_without_importing_the_engine(tmp
 import json, sys
 from dsbs_ray.prompts import load_prompt
 from dsbs_ray.ray_init import init_ray
+from dsbs_ray.engines import processor as build
 from dsbs_ray.tasks import get_task
-from dsbs_ray.teacher import AnnotateConfig, _processor, _resolve_model
+from dsbs_ray.teacher import AnnotateConfig, _resolve_model, _sampling
 cfg = _resolve_model(AnnotateConfig(task="svamp", split="test", data_dir={str(data_dir)!r}))
 init_ray()
-processor = _processor(cfg, get_task("svamp"), load_prompt("svamp"))
+prompt = load_prompt("svamp")
+processor = build(cfg, [prompt], [_sampling(cfg, get_task("svamp"), prompt)])
 seen = {{m: m in sys.modules for m in ("vllm", "transformers.models.llama")}}
 import vllm.v1.engine.exceptions
 print(json.dumps(seen | {{"vllm_after": "vllm" in sys.modules, "processor": type(processor).__name__}}))
