@@ -20,6 +20,7 @@ class Prompt:
     query: str  # template with {input}
     stop: tuple[str, ...]
     path: str
+    exemplar_labels: tuple[str, ...] = ()  # each exemplar's answer as the task's parser reads it back
 
     @property
     def hash(self) -> str:
@@ -41,7 +42,7 @@ def load_prompt(task_ref: str, prompts_dir: Path | str | None = None) -> Prompt:
         path, spec = task.path, task.spec.prompt
     else:
         path, spec = task.resolve(task.spec.prompt), task.prompt_spec
-    parts = []
+    parts, labels = [], []
     for i, ex in enumerate(spec.exemplars):
         text = spec.exemplar.format(**ex.model_dump())
         completion = text[len(spec.query.format(input=ex.input)):]
@@ -55,4 +56,5 @@ def load_prompt(task_ref: str, prompts_dir: Path | str | None = None) -> Prompt:
             raise UserError(f"{path}: exemplar {i}: its answer {ex.answer!r} reads back as {parsed.label!r} with the "
                             f"{task.answer.kind} parser")
         parts.append(text)
-    return Prompt(task.name, "".join(parts), spec.query, tuple(spec.stop), str(path))
+        labels.append(parsed.label)
+    return Prompt(task.name, "".join(parts), spec.query, tuple(spec.stop), str(path), tuple(labels))

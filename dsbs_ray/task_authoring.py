@@ -43,25 +43,16 @@ def check_spec(ref: str, data_dir: str | None = None, show=sys.stderr) -> dict:
         n = splits["train"]["rows"]
         splits["valid"] = {"carved_from_train": valid_size(n, task.spec.carve.valid.fraction), "of": n}
     prompt = load_prompt(ref)
-    exemplars = [task.parse(block) for block in _completions(prompt)]
     first = teacher_examples(ref, "train", data_dir)[0]
     student = load_examples(ref, "train", data_dir, DEFAULT_EOS)[0]
     print(f"--- teacher prompt (train row {first.id}) ---\n{prompt.render(first.input)}\n"
           f"--- student input (T5: predict: ..., {{join}} = {DEFAULT_EOS}) ---\npredict: {student.input}\n"
           f"--- gold ---\n{student.gold}", file=show)
     return {"task": task.name, "spec": str(task.path), "answer": task.answer.kind, "metric": task.metric,
-            "splits": splits, "exemplars": len(exemplars),
-            "exemplar_labels": [p.label for p in exemplars],
-            "exemplars_to_write": sum(TODO in block for block in _completions(prompt)),
+            "splits": splits, "exemplars": len(prompt.exemplar_labels),
+            "exemplar_labels": list(prompt.exemplar_labels),
+            "exemplars_to_write": sum(TODO in ex.rationale for ex in task.prompt_spec.exemplars),
             "prompt_hash": prompt.hash}
-
-
-def _completions(prompt) -> list[str]:
-    """Each exemplar's completion (what the parser reads): the prefix split at the query's start."""
-    head = prompt.query.split("{input}")[0]
-    blocks = [b for b in prompt.prefix.split(head) if b]
-    tail = prompt.query.split("{input}")[1]
-    return [b.split(tail, 1)[1] if tail and tail in b else b for b in blocks]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def _own_sources(task: Task, split: str, data_dir: Path | None) -> list[Source] 
     return None
 
 
-def _source_rows(task: Task, src: Source, data_dir: Path | None) -> tuple[list[dict], str]:
+def _source_rows(task: Task, src: Source, split: str, data_dir: Path | None) -> tuple[list[dict], str]:
     if src.hub is not None:
         import datasets
 
@@ -61,9 +61,8 @@ def _source_rows(task: Task, src: Source, data_dir: Path | None) -> tuple[list[d
         try:
             rows = list(datasets.load_dataset(src.hub.path, src.hub.name, split=src.hub.split))
         except (ConnectionError, OSError, ValueError) as e:
-            local = [released_path(task, split, data_dir) for split, name in (task.spec.data.hub.splits.items()
-                     if task.spec.data.hub else ()) if name == src.hub.split and data_dir is not None]
-            no_file = f"no {local[0]} and " if local else ""
+            fell_back = not getattr(task.spec.data, split, None) and data_dir is not None  # (data.hub, no file)
+            no_file = f"no {released_path(task, split, data_dir)} and " if fell_back else ""
             raise UserError(f"{task.path}: {no_file}could not load {where}: {str(e).splitlines()[0]}") from None
     else:
         path = task.resolve(src.file, data_dir)
@@ -95,9 +94,8 @@ def carve_test(n_rows: int, carve: Carve) -> tuple[list[int], list[int]]:
 Part = tuple  # ("rows", rows, where) | ("task", ref)
 
 
-def split_parts(task: Task, split: str, data_dir: Path | None) -> list[Part]:
-    """What a split is made of, in order: rows of a source (with where they came from) or another
-    task's split."""
+def _plan(task: Task, split: str, data_dir: Path | None) -> tuple[list[Source], bool]:
+    """(the sources a split reads, whether the split is carved out of them by carve.test)."""
     if split not in task.splits:
         raise UserError(f"task {task.name} has no split {split!r}; its splits: {', '.join(task.splits)}")
     own = _own_sources(task, split, data_dir)
@@ -110,39 +108,42 @@ def split_parts(task: Task, split: str, data_dir: Path | None) -> list[Part]:
                 raise UserError(f"task {task.name} needs a data dir for split {split}: pass --data-dir or set "
                                 f"DSBS_DATA_DIR")
             raise UserError(f"missing file {missing} (task {task.name}, split {split})")
-        return [_part(task, src, data_dir) for src in own]
+        return own, False
     base = task.spec.data.all or _own_sources(task, "train", data_dir)
     if base is None:
         raise UserError(f"task {task.name}: no train rows to carve the {split} split from "
                         f"(missing file {released_path(task, 'train', data_dir)})")
-    parts = [_part(task, src, data_dir) for src in base]
-    if any(p[0] == "task" for p in parts):
+    if any(src.task is not None for src in base):
         raise UserError(f"{task.path}: carve.test cannot carve from another task's split")
+    return base, True
+
+
+def split_parts(task: Task, split: str, data_dir: Path | None) -> list[Part]:
+    """What a split is made of, in order: rows of a source (with where they came from) or another
+    task's split."""
+    sources, carved = _plan(task, split, data_dir)
+    parts = [_part(task, src, split, data_dir) for src in sources]
+    if not carved:
+        return parts
     rows = [r for p in parts for r in p[1]]
-    train_idx, test_idx = carve_test(len(rows), carve)
+    train_idx, test_idx = carve_test(len(rows), task.spec.carve.test)
     where = ", ".join(p[2] for p in parts) + f" (carve.test, {split})"
     return [("rows", [rows[i] for i in (test_idx if split == "test" else train_idx)], where)]
 
 
 def split_is_local(task_ref: str, split: str, data_dir: Path | None) -> bool:
     """Whether a split loads without the hub (an estimate never waits on it)."""
-    task = get_task(task_ref)
-
-    def local(sources):
-        return sources is not None and all(
-            s.hub is None and (s.task is None or split_is_local(s.task, split, data_dir)) for s in sources)
-
-    own = _own_sources(task, split, data_dir)
-    if own is not None:
-        return local(own)
-    base = task.spec.data.all or _own_sources(task, "train", data_dir)
-    return split in ("train", "test") and task.spec.carve.test is not None and local(base)
+    try:
+        sources, _ = _plan(get_task(task_ref), split, data_dir)
+    except UserError:
+        return False
+    return all(s.hub is None and (s.task is None or split_is_local(s.task, split, data_dir)) for s in sources)
 
 
-def _part(task: Task, src: Source, data_dir: Path | None) -> Part:
+def _part(task: Task, src: Source, split: str, data_dir: Path | None) -> Part:
     if src.task is not None:
         return ("task", src.task)
-    rows, where = _source_rows(task, src, data_dir)
+    rows, where = _source_rows(task, src, split, data_dir)
     return ("rows", rows, where)
 
 
