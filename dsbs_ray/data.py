@@ -120,7 +120,7 @@ def fraction_split(cfg: TrainConfig, split: list, load_valid) -> tuple[list, lis
         valid, train_idx = load_valid(), list(range(len(train)))
     else:
         carve = task.spec.carve.valid
-        train_idx, valid_idx = carve_validation(len(train), carve.fraction or VALID_FRACTION, carve.seed)
+        train_idx, valid_idx = carve_validation(len(train), carve.fraction, carve.seed)
         valid = [train[i] for i in valid_idx]
     return train, valid, [train_idx[i] for i in fraction_indices(len(train_idx), cfg.fraction, cfg.seed)]
 

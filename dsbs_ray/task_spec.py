@@ -112,9 +112,15 @@ class CarveSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     valid: Carve = Field(default_factory=lambda: Carve(fraction=0.1, seed=0),
                          description="a task without a valid split: held out of train when a job starts "
-                         "(the paper's train_test_split(test_size=0.1, seed=0)); only fraction is used")
+                         "(the paper's train_test_split(test_size=0.1, seed=0)); a fraction")
     test: Carve | None = Field(None, description="a task without a test split: held out of train (or of "
                                "`all`) once, by a seeded permutation whose last rows are the test split")
+
+    @model_validator(mode="after")
+    def _valid_by_fraction(self):  # the validation carve is a share of whatever train a job reads
+        if self.valid.fraction is None:
+            raise ValueError("carve.valid: give fraction (rows is for carve.test)")
+        return self
 
 
 class Exemplar(BaseModel):

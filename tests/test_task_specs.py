@@ -142,6 +142,7 @@ _SPEC = {"name": "tickets", "data": {"train": "t.csv", "test": "t.csv"}, "input"
     ({}, "text,team\nhello,billing\nbye,tech,extra\n", r"t.csv:3: 3 cells, but the header has 2 columns"),
     ({"answer.kind": "colour"}, "text,team\nhello,billing\n", r"t.yaml: answer.kind: Input should be"),
     ({"carve": {"test": {"fraction": 0.2, "rows": 3}}}, "text,team\nhello,billing\n", r"t.yaml: carve.test: give exactly one"),
+    ({"carve": {"valid": {"rows": 3}}}, "text,team\nhello,billing\n", r"t.yaml: carve: carve.valid: give fraction"),
 ])
 def test_bad_specs_and_data_are_one_line_naming_file_and_field(tmp_path, changes, csv_text, needle):
     (tmp_path / "t.csv").write_text(csv_text)
