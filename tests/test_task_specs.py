@@ -143,9 +143,19 @@ _SPEC = {"name": "tickets", "data": {"train": "t.csv", "test": "t.csv"}, "input"
     ({"answer.kind": "colour"}, "text,team\nhello,billing\n", r"t.yaml: answer.kind: Input should be"),
     ({"carve": {"test": {"fraction": 0.2, "rows": 3}}}, "text,team\nhello,billing\n", r"t.yaml: carve.test: give exactly one"),
     ({"carve": {"valid": {"rows": 3}}}, "text,team\nhello,billing\n", r"t.yaml: carve: carve.valid: give fraction"),
+    ({"data.train": "t.txt"}, "text,team\nhello,billing\n", r"t.txt: unknown data file type '.txt'"),
+    ({"data.all": "t.csv"}, "text,team\nhello,billing\n", r"t.yaml: data.all needs carve.test"),
+    ({"data.test": None, "carve": {"test": {"rows": 5}}}, "text,team\nhello,billing\n",
+     r"carve.test: 5 test rows of 1 leave no training rows"),
+    ({"answer.label_map": {"1": "billing"}}, "text,team\nhello,2\n", r"t.csv: row 0: label '2' is not a key of "
+                                                                       r"answer.label_map"),
+    ({"answer": {"kind": "choice", "choices": "opts"}, "input": "{text}\n{opts}"}, "text,team,opts\nhello,a,a\n",
+     r"t.csv: row 0: column 'opts' holds \['a'\], not a list of 2\+ choices"),
+    ({"data.train": "{data_dir}/t.csv"}, "text,team\nhello,billing\n", r"^missing file \S*/t\.csv$"),  # in the data dir
 ])
 def test_bad_specs_and_data_are_one_line_naming_file_and_field(tmp_path, changes, csv_text, needle):
     (tmp_path / "t.csv").write_text(csv_text)
+    (tmp_path / "t.txt").write_text(csv_text)
     spec = _write_spec(tmp_path, **changes)
     with pytest.raises(UserError, match=needle):
         check_spec(str(spec), show=open("/dev/null", "w"))
