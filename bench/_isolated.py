@@ -30,7 +30,7 @@ def run_isolated(target, *args):
             break
         except queue_empty:
             if not proc.is_alive() and queue.empty():
-                left = end_descendants(spare=before)
+                left = end_descendants(spare=before, settle_s=5.0)
                 raise SystemExit(f"{target.__name__} exited with code {proc.exitcode} before its result"
                                  + (f"; ended: {', '.join(left)}" if left else ""))
     proc.join(60)
@@ -38,7 +38,7 @@ def run_isolated(target, *args):
         print(f"warning: {target.__name__} did not exit a minute after its result; killed", file=sys.stderr)
         proc.kill()
         proc.join()
-    left = end_descendants(spare=before)
+    left = end_descendants(spare=before, settle_s=5.0)
     if left:
         print(f"warning: {target.__name__} left {len(left)} process(es) running; ended: {', '.join(left)}",
               file=sys.stderr)
@@ -61,7 +61,7 @@ def leave_nothing_behind() -> None:
     before = descendants()
 
     def end():
-        left = end_descendants(spare=before)
+        left = end_descendants(spare=before, settle_s=5.0)
         if left:
             print(f"warning: {len(left)} process(es) were still running at the end; ended: {', '.join(left)}",
                   file=sys.stderr)

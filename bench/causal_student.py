@@ -26,7 +26,7 @@ def _config(args, method: str, output_dir: str):
     return load_config(task="svamp", student=SMOLLM2, method=method, label_source="gold", fraction=args.fraction,
                        max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0, zero="off",
                        max_input_length=args.max_input_length, max_target_length=args.max_target_length,
-                       gen_max_length=args.gen_max_length, eval_every=args.steps, eval_limit=args.eval_limit,
+                       gen_max_length=args.gen_max_length, eval_every=args.steps, eval_limit=args.eval_limit, test_limit=args.eval_limit,
                        data_dir=args.data_dir, output_dir=output_dir)
 
 

@@ -37,7 +37,7 @@ def _config(args, student_path: str, output_dir: str):
     return load_config(task="cqa", student=student_path, method="dsbs", label_source="gold",
                        fraction=args.fraction, max_steps=2 * args.steps, batch_size=args.batch_size,
                        seed=0, max_input_length=args.max_input_length, max_target_length=256, lr=5e-5,
-                       eval_every=args.steps, eval_limit=4, gen_max_length=4, zero="off",
+                       eval_every=args.steps, eval_limit=4, test_limit=4, gen_max_length=4, zero="off",
                        precision=args.precision, data_dir=args.data_dir, output_dir=output_dir)
 
 

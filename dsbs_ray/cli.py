@@ -177,9 +177,13 @@ def train_cmd(
     max_input_length: int = typer.Option(1024, help="Input tokens kept."),
     max_target_length: int = typer.Option(256, help="Label/rationale tokens kept."),
     gen_max_length: int = typer.Option(64, help="Tokens generated per prediction."),
-    eval_every: int = typer.Option(250, help="Evaluate on valid and test every K steps."),
+    eval_every: int = typer.Option(250, help="Score valid every K steps (and valid and test at the last)."),
     checkpoint_every: int = typer.Option(1000, help="Checkpoint weights and optimizer every K steps (and at the end)."),
-    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N rows of valid/test only."),
+    eval_limit: Optional[int] = typer.Option(None, help="Score the first N valid rows at each evaluation."),
+    test_limit: Optional[int] = typer.Option(None, help="Score the first N test rows only (default: the whole "
+                                             "test split, once, at the end)."),
+    keep: str = typer.Option("model", help="What the finished run keeps: model (the exported student) | none | all "
+                             "(its checkpoints too, optimizer state included)."),
     explain: bool = typer.Option(False, "--explain", help="Also generate rationales into the predictions file."),
     workers: int = typer.Option(1, help="Ray Train workers (data parallel)."),
     cpus_per_worker: float = typer.Option(1.0, help="CPUs per worker (fractions allowed)."),
@@ -195,7 +199,8 @@ def train_cmd(
 ) -> None:
     """Train one student; prints the final metrics as one JSON line.
 
-    Rerunning the same job resumes from its last checkpoint."""
+    Rerunning the same job resumes from its last checkpoint; rerunning a finished one prints its
+    stored result (skipped: true) and trains nothing."""
     from dsbs_ray.job import load_config
     from dsbs_ray.train import train
 
@@ -204,6 +209,7 @@ def train_cmd(
         alpha=alpha, max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
         warmup_steps=warmup_steps, max_input_length=max_input_length, max_target_length=max_target_length,
         gen_max_length=gen_max_length, eval_every=eval_every, checkpoint_every=checkpoint_every, eval_limit=eval_limit, explain=explain,
+        test_limit=test_limit, keep=keep,
         workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, zero=zero,
         precision=precision, data_dir=str(data_dir) if data_dir else None, output_dir=str(output_dir),
         max_failures=max_failures,
@@ -212,7 +218,8 @@ def train_cmd(
         metrics = train(cfg, use_ray=ray)
     keys = ["accuracy", "valid_accuracy", "steps", "examples_per_s", "wall_seconds", "checkpoint", "task", "task_spec",
             "student", "method", "label_source", "fraction", "seed", "parameters", "train_rows", "dropped_unparsed",
-            "rows_with_rationale", "resumed_from_step", "first_loss", "final_loss", "predictions"]
+            "rows_with_rationale", "resumed_from_step", "first_loss", "final_loss", "predictions", "test_rows",
+            "eval_seconds_per_100_rows", "phases", "skipped"]
     print(json.dumps({k: metrics.get(k) for k in keys}))
 
 
@@ -249,7 +256,9 @@ def sweep_cmd(
         print(f"estimated bill of {totals['trials']} trials: {totals['gpu_hours']:,.1f} GPU-hours, "
               f"{totals['cpu_hours']:,.2f} CPU-core-hours (${totals['training_usd']:,.2f}); teacher "
               f"{totals['teacher_tokens'] / 1e6:,.1f}M tokens (${totals['teacher_usd']:,.2f}); total "
-              f"${totals['total_usd']:,.2f}", file=sys.stderr)
+              f"${totals['total_usd']:,.2f}; of it, the trials' fixed seconds ({cfg.prices.trial_fixed_seconds:g} s a "
+              f"trial besides its steps, on each of its accelerators): ${totals['fixed_usd']:,.2f}, "
+              f"{totals['fixed_share']:.1%} of the bill", file=sys.stderr)
         jobs, uri, requests = check_sweep(cfg)
         for job in jobs:
             print(json.dumps({"trial": job.name(), "task": job.task, "student": job.student, "method": job.method,
@@ -360,7 +369,7 @@ def _end_what_we_started() -> None:
         if ray.is_initialized():
             with contextlib.redirect_stdout(sys.stderr):
                 ray.shutdown()
-    ended = end_descendants()
+    ended = end_descendants(settle_s=5.0)
     if ended:
         print(f"ended {len(ended)} process(es) this command had started and that were still running: "
               f"{', '.join(ended[:6])}{' ...' if len(ended) > 6 else ''}", file=sys.stderr)

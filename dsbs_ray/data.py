@@ -159,8 +159,7 @@ def select_rows(cfg: TrainConfig, join: str) -> dict:
     else:
         train_rows = _rows(chosen)
     test = load_examples(cfg.task, "test", cfg.data_dir, join)
-    limit = cfg.eval_limit
-    return {"train": train_rows, "valid": _rows(valid[:limit]), "test": _rows(test[:limit])} | counts
+    return {"train": train_rows, "valid": _rows(valid[:cfg.eval_limit]), "test": _rows(test[:cfg.test_limit])} | counts
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, family) -> dict:

@@ -81,7 +81,7 @@ def _driver_without_engine_imports():
         telemetry_log.setLevel(level)
 
 
-ENGINE_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING")
+ENGINE_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL")
 
 
 def engine_env(cpu_engine: bool) -> dict:
@@ -92,7 +92,8 @@ def engine_env(cpu_engine: bool) -> dict:
     half the box), one OpenMP thread a bound core: Ray gives a 1-CPU actor OMP_NUM_THREADS=1, and the
     engine core keeps it (1 thread of 2 here: half the tokens/s). What the user set in ENGINE_ENV
     wins, so an engine inside the pipeline runs exactly as a bare one started with the same variables."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # vLLM's INFO lines (its config, throughput every few seconds) stay off; VLLM_LOGGING_LEVEL=INFO brings them
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "VLLM_LOGGING_LEVEL": "WARNING"}
     if cpu_engine:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not os.environ.get("RAY_ADDRESS"):  # a local Ray: the engine runs on this box

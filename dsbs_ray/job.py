@@ -50,11 +50,16 @@ class TrainConfig(BaseModel):
     max_input_length: int = Field(1024, ge=8)
     max_target_length: int = Field(256, ge=2)
     gen_max_length: int = Field(64, ge=1)
-    eval_every: int = Field(250, ge=1, description="evaluate on valid and test every K steps")
+    eval_every: int = Field(250, ge=1, description="score valid every K steps (valid and test at the last step)")
     checkpoint_every: int = Field(1000, ge=1, description="checkpoint (weights + optimizer) every K steps, "
                                   "and at the last step")
     eval_batch_size: int = Field(64, ge=1)
-    eval_limit: int | None = Field(None, ge=1, description="rows of valid/test to evaluate (all if None)")
+    eval_limit: int | None = Field(None, ge=1, description="rows of valid scored at each evaluation (all if None)")
+    test_limit: int | None = Field(None, ge=1, description="score only the first N test rows (CPU demos; the "
+                                   "result says so in test_rows); None: the whole test split, once, at the end")
+    keep: Literal["model", "none", "all"] = Field("model", description="what a finished run keeps besides its "
+                                                  "result and predictions: model (the exported student), none, "
+                                                  "or all (its checkpoints too, optimizer state included)")
     explain: bool = False
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -109,10 +114,12 @@ class TrainConfig(BaseModel):
             return self.run_name
         keys = self.model_dump(exclude=RUN_LAYOUT_KEYS | {"output_dir", "run_name", "max_failures", "eval_batch_size",
                                                           "eval_every", "checkpoint_every", "tracking_uri",
-                                                          "mlflow_run_id"})
+                                                          "mlflow_run_id", "keep"})
         for key, default in TEACHER_DEFAULTS.items():  # at their defaults they leave older run names as they were
             if keys[key] == default:
                 del keys[key]
+        if self.eval_limit is None and self.test_limit is None:  # scored as before test_limit existed: whole test
+            del keys["test_limit"]
         task = get_task(self.task).name  # a spec by its name, wherever it lives: its content is in the fingerprint
         keys["task"] = task
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
@@ -122,6 +129,53 @@ class TrainConfig(BaseModel):
 def load_config(**kwargs) -> TrainConfig:
     """TrainConfig from keyword arguments; a validation error becomes one line naming the field."""
     return build(TrainConfig, **kwargs)
+
+
+RESULT_FILE = "result.json"  # a finished run's metrics, in its run dir
+
+
+def stored_result(job: TrainConfig) -> dict | None:
+    """A finished run's stored result, None if it has none. One that is not JSON, or lacks what its
+    MLflow run is logged from (accuracy, parameters), is refused in one line naming it (a sweep reads
+    every one before it starts anything)."""
+    from dsbs_ray.files import read_json
+
+    path = Path(job.output_dir) / job.name() / RESULT_FILE
+    if not path.exists():
+        return None
+    result = read_json(path)
+    fields = result if isinstance(result, dict) else {}
+    bad = [k for k in ("accuracy", "parameters") if type(fields.get(k)) not in (int, float)]  # bool is no number
+    if bad:
+        raise UserError(f"{path}: not a finished trial's result (no number {', '.join(bad)}); restore it, or move "
+                        f"the trial's run dir {path.parent} away to train the trial again")
+    return result
+
+
+def write_result(job: TrainConfig, result: dict) -> None:
+    """The run's result, written atomically: from here on the run is finished."""
+    import os
+
+    path = Path(job.output_dir) / job.name() / RESULT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+
+
+def prune_run(run_dir: Path, keep: str, checkpoint: str | None) -> str | None:
+    """What a finished run keeps (its result is written): `all` everything; `model` its exported
+    student, no checkpoint (the optimizer state only served a resume); `none` neither. Only what the
+    run wrote goes: checkpoints/ (one process), checkpoint_* (Ray Train's), model/. Returns the
+    checkpoint path still there, if any."""
+    import shutil
+
+    if keep == "all":
+        return checkpoint
+    doomed = [run_dir / "checkpoints"] + sorted(run_dir.glob("checkpoint_*")) + [run_dir / "model"] * (keep == "none")
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def student_name(student: str) -> str:

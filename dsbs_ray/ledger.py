@@ -22,6 +22,9 @@ HUB_TRAIN_ROWS = {"esnli": 549_367, "anli1": 16_946, "cqa": 9_741, "svamp": 800}
 ESTIMATE_SAMPLE_ROWS = 2000  # rows tokenized to measure a task's mean lengths for an estimate
 
 
+TRIAL_FIXED_SECONDS = 30.0  # mean trial seconds outside optimizer steps, bench/sweep_overhead.py on this box
+
+
 class Prices(BaseModel):
     """Prices (USD) and, for estimates only, the throughput assumed. Defaults and sources: README."""
 
@@ -33,6 +36,10 @@ class Prices(BaseModel):
     gpu_peak_tflops: float = Field(989.0, gt=0, description="estimates: dense bf16 peak per GPU (H100 SXM)")
     cpu_peak_gflops: float = Field(60.0, gt=0, description="estimates: per CPU core (measured here: ~60)")
     assumed_mfu: float = Field(0.4, gt=0, le=1, description="estimates: the share of peak a step reaches")
+    trial_fixed_seconds: float = Field(TRIAL_FIXED_SECONDS, ge=0, description="estimates: what a trial pays "
+                                       "besides its optimizer steps (start-up, data, evaluation, checkpoints, "
+                                       "export, logging), on each of its accelerators; bench/sweep_overhead.py "
+                                       "measures it (the default: its sweep here, README)")
 
 
 def money(ledger: dict, prices: Prices) -> dict:
@@ -186,11 +193,14 @@ def estimate_trial(job, parameters: int, teacher_samples: int, max_new_tokens: i
         per_row += profile["input"] + min(rationale, job.max_target_length)
     train_tokens = job.max_steps * job.batch_size * per_row
     peak = prices.gpu_peak_tflops * 1e12 if kind == "gpu" else prices.cpu_peak_gflops * 1e9
-    seconds = 6 * parameters * train_tokens / (peak * prices.assumed_mfu)
+    step_seconds = 6 * parameters * train_tokens / (peak * prices.assumed_mfu)
+    fixed_seconds = prices.trial_fixed_seconds * accelerator(job)[1]  # every accelerator waits through it
+    seconds = step_seconds + fixed_seconds
     trainable = profile["rows"] - (0 if profile["has_valid"] else valid_size(profile["rows"]))
     rows = fraction_size(trainable, job.fraction) if job.uses_teacher else 0
     output = profile["output"] if profile["output"] is not None else (max_new_tokens or 0)
-    ledger = {"accelerator": kind, "accelerator_seconds": seconds, "train_tokens": int(train_tokens),
+    ledger = {"accelerator": kind, "accelerator_seconds": seconds, "fixed_accelerator_seconds": fixed_seconds,
+              "train_tokens": int(train_tokens),
               "teacher_rows": rows, "teacher_samples": rows * teacher_samples,
               "teacher_prompt_tokens": int(rows * teacher_samples * profile["prompt"]),
               "teacher_output_tokens": int(rows * teacher_samples * output),
@@ -223,9 +233,13 @@ def estimate_grid(cfg, jobs: list) -> tuple[list[dict], dict]:
             annotation[key] = max(annotation.get(key, 0), tokens)
     hours = {k: sum(t["accelerator_seconds"] for t in per_trial if t["accelerator"] == k) / 3600 for k in ("gpu", "cpu")}
     training = sum(t["cost_training_usd"] for t in per_trial)
+    fixed = sum(t["cost_training_usd"] * t["fixed_accelerator_seconds"] / t["accelerator_seconds"]
+                for t in per_trial if t["accelerator_seconds"])
     teacher_tokens = sum(annotation.values())
     teacher_usd = teacher_tokens / 1e6 * cfg.prices.teacher_per_million_tokens
     return per_trial, {"trials": len(per_trial), "gpu_hours": hours["gpu"], "cpu_hours": hours["cpu"],
                        "training_usd": training, "teacher_tokens": teacher_tokens, "teacher_usd": teacher_usd,
-                       "total_usd": training + teacher_usd, "prices": cfg.prices.model_dump(),
+                       "total_usd": training + teacher_usd, "fixed_usd": fixed,
+                       "fixed_share": fixed / (training + teacher_usd) if training + teacher_usd else 0.0,
+                       "prices": cfg.prices.model_dump(),
                        "students_without_a_size": unknown}

@@ -33,14 +33,18 @@ def descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def end_descendants(grace_s: float = 10.0, spare: set[int] = frozenset()) -> list[str]:
+def end_descendants(grace_s: float = 10.0, spare: set[int] = frozenset(), settle_s: float = 0.0) -> list[str]:
     """SIGTERM every descendant still running (but those in `spare`, e.g. what ran before a
     measurement), SIGKILL what is left after `grace_s`; reap them all. Returns what had to be ended
-    (name and pid), so a caller can say so."""
+    (name and pid), so a caller can say so. settle_s: first wait that long for them to exit on their
+    own (Ray's dashboard modules take ~0.5 s after ray.shutdown)."""
     import psutil
 
     me = psutil.Process()
     left = [p for p in me.children(recursive=True) if p.is_running() and p.pid not in spare]
+    if left and settle_s:
+        _, left = psutil.wait_procs(left, timeout=settle_s)
+        left = [p for p in left if _running(p)]
     if not left:
         return []
     names = []
@@ -65,6 +69,15 @@ def end_descendants(grace_s: float = 10.0, spare: set[int] = frozenset()) -> lis
         except psutil.Error:
             pass
     return names
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def record_stop_signals() -> list[int]:

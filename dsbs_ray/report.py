@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from dsbs_ray.errors import UserError
+from dsbs_ray.phases import PHASES, phase_rows
 
 METHOD_ORDER = ["finetune", "distill", "dsbs-gold", "dsbs-teacher"]
 COST_COLUMNS = ("cost_usd", "cost_training_usd", "cost_teacher_usd", "accelerator_seconds", "train_tokens",
@@ -43,10 +44,12 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
                      "parameters": int(float(p.get("parameters", m.get("parameters", 0)))), "method": method,
                      "teacher_accuracy": m.get("teacher_accuracy"), "teacher_split": r.data.tags.get("dsbs.teacher_split"),
                      "fraction": float(p["fraction"]), "seed": int(p["seed"]), "accuracy": m["accuracy"],
-                     "eval_limit": int(p["eval_limit"]) if p.get("eval_limit") else None,
+                     # the test rows scored: test_limit ("all": the whole split); before it existed, eval_limit
+                     "test_limit": _test_limit(p),
                      "data_dir": p.get("data_dir"), "task_spec": p.get("task_spec", p["task"]), "run_name": p.get("run_name", r.info.run_name),
                      "run_id": r.info.run_id, "end_time": r.info.end_time or 0}
-                    | {k: m.get(k) for k in COST_COLUMNS})
+                    | {k: m.get(k) for k in COST_COLUMNS}
+                    | {f"phase_{k}": m.get(f"phase_{k}_seconds") for k in PHASES + ("other",)})
     if not rows:
         raise UserError(f"experiment {experiment!r} has no finished trial runs to report on")
     df = pd.DataFrame(rows).sort_values("end_time")
@@ -57,6 +60,25 @@ def collect_trials(experiment: str, uri: str) -> pd.DataFrame:
         teachers = sorted(set(df[(df.task == task) & (df.teacher != "none")].teacher)) or ["released"]
         parts += [cells.assign(teacher=t) for t in teachers]
     return pd.concat(parts, ignore_index=True)
+
+
+def _test_limit(params: dict) -> int | None:
+    limit = params.get("test_limit", params.get("eval_limit"))
+    return int(limit) if limit and limit != "all" else None
+
+
+def phase_section(df: pd.DataFrame) -> list[str]:
+    """Where the trials' time went: seconds per phase summed over the trials, and their share."""
+    cols = [f"phase_{k}" for k in PHASES + ("other",)]
+    timed = df.drop_duplicates("run_name").dropna(subset=cols)
+    if timed.empty:
+        return []
+    tables = [{k: float(r[f"phase_{k}"]) for k in PHASES + ("other",)} for _, r in timed.iterrows()]
+    lines = ["## Where the trials' time went", "",
+             f"Seconds per phase summed over {len(tables)} trials, and each phase's share of their wall time "
+             "(dsbs_ray/phases.py says what each phase holds).", "", "| phase | seconds | share |", "|---|---|---|"]
+    lines += [f"| {name} | {sec:.1f} | {share:.1%} |" for name, sec, share in phase_rows(tables)]
+    return lines + [""]
 
 
 def released_teacher_line(task: str, data_dir: str | None) -> dict | None:
@@ -324,8 +346,8 @@ FIGURES = (("accuracy vs data fraction", "accuracy_vs_fraction.png"), ("accuracy
 
 
 def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict, paired: pd.DataFrame,
-             n_runs: int, eval_limit: int | None = None, prices: str | None = None) -> str:
-    scope = f"the first {eval_limit} rows of the test split" if eval_limit else "the test split"
+             n_runs: int, test_limit: int | None = None, prices: str | None = None, phases: list[str] = ()) -> str:
+    scope = f"the first {test_limit} rows of the test split" if test_limit else "the whole test split"
     seeds = int(summary.seeds.max()) if len(summary) else 0
     lines = [f"# Sweep report: {experiment}", "",
              f"{n_runs} finished trial runs; student accuracy in % on {scope} (mean over seeds); "
@@ -375,7 +397,7 @@ def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teache
     teachers = ", ".join(f"{task} · {name} {_pct(acc)} ({split})" for (task, name), (acc, split) in teacher.items()
                          if acc is not None)
     lines += ["", f"Teacher accuracy: {teachers or 'not available (no teacher outputs for test/valid)'}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + list(phases))
 
 
 def _sweep_run(c, experiment: str) -> str | None:
@@ -429,11 +451,11 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     plot_fraction(summary, teacher, out / "accuracy_vs_fraction.png")
     plot_size(summary, teacher, out / "accuracy_vs_size.png")
     plot_cost(summary, teacher, out / "accuracy_vs_cost.png")
-    limits = df.eval_limit.dropna()
+    limits = df.test_limit.dropna()
     c = tracking.client(uri)
     parent_run_id = parent_run_id or _sweep_run(c, experiment)
     text = markdown(experiment, summary, front, teacher, paired, df.run_name.nunique(),
-                    int(limits.max()) if len(limits) else None, _prices(c, parent_run_id))
+                    int(limits.max()) if len(limits) else None, _prices(c, parent_run_id), phase_section(df))
     (out / "report.md").write_text(text)
     summary.to_csv(out / "results.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)

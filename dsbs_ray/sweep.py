@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray.annotations import DEFAULT_STORE
 from dsbs_ray.errors import UserError, build
-from dsbs_ray.job import TrainConfig, load_config, resolve_paths, student_name, validate
+from dsbs_ray.job import TrainConfig, load_config, resolve_paths, stored_result, student_name, validate, write_result
+from dsbs_ray.phases import Phases, format_phase_table, phase_metrics, phase_rows
 from dsbs_ray.ledger import Prices
 from dsbs_ray.locks import hold
 from dsbs_ray.rationales import RationaleFilter, Unmatched
@@ -103,7 +104,11 @@ class SweepConfig(BaseModel):
     eval_every: int = Field(250, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on GPU workers, fp32 on CPU ones
-    eval_limit: int | None = None
+    eval_limit: int | None = Field(None, ge=1, description="valid rows scored at each evaluation (all if None)")
+    test_limit: int | None = Field(None, ge=1, description="the first N test rows only (CPU demos); None: the "
+                                   "whole test split, scored once at the end")
+    keep: Literal["model", "none", "all"] = Field("model", description="what a finished trial keeps: its exported "
+                                                  "model, nothing, or all (checkpoints with optimizer state too)")
     data_dir: str | None = None  # the tasks and the teacher annotations (paper layout); our own annotation dir works too
     output_dir: str = "work/sweeps"
     max_concurrent_trials: int = Field(1, ge=1)
@@ -186,6 +191,7 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
                                     max_target_length=cfg.max_target_length, gen_max_length=cfg.gen_max_length,
                                     eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                                     precision=student.precision or cfg.precision, eval_limit=cfg.eval_limit,
+                                    test_limit=cfg.test_limit, keep=cfg.keep,
                                     workers=student.workers, cpus_per_worker=student.cpus_per_worker,
                                     gpus_per_worker=student.gpus_per_worker, zero=student.zero,
                                     data_dir=cfg.data_dir, train_limit=cfg.train_limit,
@@ -194,27 +200,6 @@ def expand(cfg: SweepConfig) -> list[TrainConfig]:
     if not jobs:
         raise UserError(f"sweep {cfg.name}: the grid is empty (tasks x students x fractions x methods x seeds)")
     return jobs
-
-
-RESULT_FILE = "result.json"  # a finished trial's metrics, in its run dir
-
-
-def stored_result(job: TrainConfig) -> dict | None:
-    """A finished trial's stored result, None if it has none. One that is not JSON, or lacks what its
-    MLflow run is logged from (accuracy, parameters), is refused in one line naming it: the sweep
-    reads every one before it starts anything."""
-    from dsbs_ray.files import read_json
-
-    path = Path(job.output_dir) / job.name() / RESULT_FILE
-    if not path.exists():
-        return None
-    result = read_json(path)
-    fields = result if isinstance(result, dict) else {}
-    bad = [k for k in ("accuracy", "parameters") if type(fields.get(k)) not in (int, float)]  # bool is no number
-    if bad:
-        raise UserError(f"{path}: not a finished trial's result (no number {', '.join(bad)}); restore it, or move "
-                        f"the trial's run dir {path.parent} away to train the trial again")
-    return result
 
 
 def sweep_method(job: TrainConfig) -> str:
@@ -234,7 +219,7 @@ def trial_params(job: TrainConfig) -> dict:
             "fraction": job.fraction, "seed": job.seed, "alpha": job.alpha, "steps": job.max_steps,
             "batch_size": job.batch_size, "lr": job.lr, "max_input_length": job.max_input_length,
             "max_target_length": job.max_target_length, "precision": job.precision,
-            "eval_limit": job.eval_limit, "data_dir": job.data_dir, "data_fingerprint": job.data_fingerprint,
+            "eval_limit": job.eval_limit, "test_limit": job.test_limit or "all", "data_dir": job.data_dir, "data_fingerprint": job.data_fingerprint,
             "train_limit": job.train_limit, "run_name": job.name()} | teacher_params(job)
 
 
@@ -267,16 +252,22 @@ FINAL_METRICS = ("accuracy", "valid_accuracy", "examples_per_s", "wall_seconds",
 
 
 def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
-              teacher_lines: dict | None = None, prices: dict | None = None, prompts_dirs: dict | None = None) -> dict:
+              teacher_lines: dict | None = None, prices: dict | None = None, prompts_dirs: dict | None = None,
+              use_ray: bool = True) -> dict:
     """One grid point: its MLflow child run (found again on rerun), training (resuming from the last
     checkpoint), final metrics and artifacts, then the done marker. A finished trial is not trained
-    again: its stored result comes back with skipped=True."""
+    again: its stored result comes back with skipped=True. use_ray False: the job runs in this
+    process (a Tune trial actor that holds the job's resources itself).
+
+    The trial's phases (dsbs_ray.phases) are the job's plus `logging`: everything here outside the
+    job is MLflow; `other` is what no phase accounts for in the trial's wall time."""
     from dsbs_ray import tracking
     from dsbs_ray.ledger import money, teacher_tokens, trial_ledger
     from dsbs_ray.train import train
 
+    t0 = time.perf_counter()
+    job_seconds = 0.0
     run_dir = Path(job.output_dir) / job.name()
-    done = run_dir / RESULT_FILE
     c = tracking.client(tracking_uri)
     tags = {"dsbs.role": "trial", "dsbs.sweep": sweep_name, "dsbs.trial": job.name(),
             "mlflow.parentRunId": parent_run_id}
@@ -290,7 +281,8 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     tracking.set_tags(c, run_id, trial_layout_tags(job))
     if result is None:  # (else: finished before, but its MLflow run was not: log it now, no training)
         try:
-            result = train(job.model_copy(update={"tracking_uri": tracking_uri, "mlflow_run_id": run_id}))
+            result = train(job.model_copy(update={"tracking_uri": tracking_uri, "mlflow_run_id": run_id}), use_ray)
+            job_seconds = result["wall_seconds"]
         except BaseException:
             c.set_terminated(run_id, "FAILED")
             raise
@@ -314,20 +306,72 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     for name in ("predictions_test.jsonl", "predictions_valid.jsonl", "config.json"):
         if (run_dir / name).exists():
             c.log_artifact(run_id, str(run_dir / name))
+    phases = Phases({k: v for k, v in (result.get("phases") or {}).items() if k != "other"})
+    trial_seconds = time.perf_counter() - t0 + (result.get("wall_seconds") or 0.0) - job_seconds
+    phases.add("logging", time.perf_counter() - t0 - job_seconds)  # (the rest of this function: MLflow)
+    result["phases"] = phases.table(trial_seconds)
+    result["trial_seconds"] = trial_seconds
+    tracking.log_metrics(c, run_id, phase_metrics(result["phases"]) | {"trial_seconds": trial_seconds},
+                         step=job.max_steps)
     c.set_terminated(run_id, "FINISHED")
     result = {**result, "mlflow_run_id": run_id, "method": sweep_method(job), "run_name": job.name(), "ledger": ledger}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, done)
+    write_result(job, result)
     return {**result, "skipped": False}
 
 
 def _tune_trial(config: dict, jobs: list[dict], tracking: dict):  # tracking: run_trial's keyword arguments
-    """The Tune function trainable: one grid point, reported to Tune once it is done."""
+    """The Tune function trainable: one grid point, reported to Tune once it is done. A one-worker
+    job runs right here, in the trial actor that holds its resources (trial_resources): no Ray Train
+    controller, worker group or placement group to start, and with reuse_actors the next trial finds
+    torch and transformers already imported. Several workers: a Ray Train job (its own workers)."""
     import ray.tune
+    import torch
 
-    result = run_trial(TrainConfig(**jobs[config["trial"]]), **tracking)
+    job = TrainConfig(**jobs[config["trial"]])
+    in_process = job.workers == 1
+    if in_process:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    try:
+        result = run_trial(job, **tracking, use_ray=not in_process)
+    finally:
+        if in_process:
+            from dsbs_ray.train import free_memory
+
+            free_memory()  # the next trial of this (reused) actor starts from a lean process
     ray.tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None})
+
+
+def _trial_lines():
+    """A Tune callback that prints one line per trial that ends (Tune's own tables stay off: verbose 0)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self, jobs: list[TrainConfig]):
+            self.jobs = jobs
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            steps = r.get("train_seconds") or 0.0
+            print(f"trial {self.jobs[trial.config['trial']].name()} finished: accuracy {r.get('accuracy', float('nan')):.4f}, "
+                  f"{r.get('trial_seconds') or 0.0:.1f} s ({steps:.1f} s optimizer steps)", file=sys.stderr)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {self.jobs[trial.config['trial']].name()} failed (attempt {trial.num_failures}); "
+                  f"its error: {trial.error_file or 'see the Ray logs'}", file=sys.stderr)
+
+    return TrialLines
+
+
+def trial_resources(job: TrainConfig):
+    """What a trial's actor holds: a one-worker job's CPUs and GPUs (it trains in the actor); for a
+    Ray Train job a sliver of a CPU (the job's workers hold their own)."""
+    from ray.tune import PlacementGroupFactory
+
+    if job.workers == 1:
+        bundle = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
+        return PlacementGroupFactory([bundle])
+    return PlacementGroupFactory([{"CPU": 0.01}])
 
 
 def longest_first(jobs: list[TrainConfig]) -> list[TrainConfig]:
@@ -370,7 +414,7 @@ def check_teachers(cfg: SweepConfig, jobs: list[TrainConfig]) -> list[dict]:
                                 f"task at a time; use the released outputs (teacher: released)")
             spec = spec or _resolve_model(teacher)
             prompt = load_prompt(task, teacher.prompts_dir)
-            for split, limit in (("train", cfg.train_limit), ("test", cfg.eval_limit)):
+            for split, limit in (("train", cfg.train_limit), ("test", cfg.test_limit)):
                 examples = teacher_examples(task, split, cfg.data_dir)[:limit]
                 if not examples:
                     raise UserError(f"task {task}: split {split} has no rows to annotate")
@@ -471,8 +515,10 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         f"cost_usd is its ledger at the sweep's prices. The report (frontier, figures, intervals) is on the parent run "
         f"[{cfg.name}]({tracking.run_url(ui, exp_id, parent)}): its description and artifacts under report/."))
 
+    dashboard = init_ray() if len(finished) < len(jobs) else None  # the teacher stage and the trials share it
     print(f"sweep {cfg.name}: {len(jobs)} trials ({len(finished)} already finished), "
-          f"{cfg.max_concurrent_trials} at a time; MLflow {uri} experiment {experiment!r}", file=sys.stderr)
+          f"{cfg.max_concurrent_trials} at a time; MLflow {uri} experiment {experiment!r}"
+          + (f"; Ray dashboard {dashboard}" if dashboard else ""), file=sys.stderr)
     errors = {}
     try:
         teacher_lines = annotate_teachers(cfg, jobs, requests)  # starts Ray only for rows still to generate
@@ -489,16 +535,15 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         if todo:
             import ray.tune as tune
 
-            init_ray()
             shutil.rmtree(sweep_dir / "tune", ignore_errors=True)  # Tune's own bookkeeping; run dirs say what is done
-            trainable = tune.with_resources(  # the trial function only drives a TorchTrainer: a sliver of a CPU
+            trainable = tune.with_resources(
                 tune.with_parameters(_tune_trial, jobs=[j.model_dump() for j in todo], tracking=trial_kwargs),
-                {"cpu": 0.01})
+                lambda config: trial_resources(todo[config["trial"]]))
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(list(range(len(todo))))},
                 tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[_trial_lines()(todo)],
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_retries)),
             )
             for r in tuner.fit():
@@ -516,11 +561,17 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
         if r is not None:
             row |= {"status": "skipped" if job.name() in finished else "finished", "accuracy": r["accuracy"],
                     "examples_per_s": r.get("examples_per_s"), "wall_seconds": r.get("wall_seconds"),
-                    "loop_seconds": r.get("loop_seconds"), "train_seconds": r.get("train_seconds")}
+                    "loop_seconds": r.get("loop_seconds"), "train_seconds": r.get("train_seconds"),
+                    "trial_seconds": r.get("trial_seconds"), "phases": r.get("phases"),
+                    "family": r.get("family"), "eval_seconds_per_100_rows": r.get("eval_seconds_per_100_rows")}
         else:
             row |= {"status": "failed", "error": errors.get(job.name(), "did not finish")}
         results.append(row)
     failed = [r for r in results if r["status"] == "failed"]
+    ran = [r["phases"] for r in results if r["status"] == "finished" and r.get("phases")]
+    if ran:  # where the trials that ran now spent their time
+        print(f"sweep {cfg.name}: where the {len(ran)} trials' time went (seconds summed over trials):\n"
+              f"{format_phase_table(ran)}", file=sys.stderr)
     # no report without a finished trial: the failures are the news, not a missing report
     report = (build_report(experiment, uri, out_dir=sweep_dir / "report", parent_run_id=parent)["markdown"]
               if len(failed) < len(results) else None)
@@ -529,4 +580,5 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
             "skipped": sum(r["status"] == "skipped" for r in results), "failed": len(failed),
             "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent,
             "mlflow_ui": tracking.experiment_url(ui, exp_id),
-            "report": report, "wall_seconds": time.time() - t0, "results": results}
+            "report": report, "wall_seconds": time.time() - t0, "results": results,
+            "phases": {name: {"seconds": sec, "share": share} for name, sec, share in phase_rows(ran)} if ran else None}

@@ -31,9 +31,10 @@ from dsbs_ray.data import bucketed_batches, length_key, prepare_data, shard_batc
 from dsbs_ray.errors import UserError
 from dsbs_ray.evaluate import evaluate
 from dsbs_ray.families import family_for, family_of
-from dsbs_ray.job import TrainConfig, resolve_paths, validate
+from dsbs_ray.job import TrainConfig, prune_run, resolve_paths, stored_result, validate, write_result
 from dsbs_ray.locks import hold
 from dsbs_ray.loss import multitask_loss
+from dsbs_ray.phases import Phases
 from dsbs_ray.ray_init import init_ray
 from dsbs_ray.sessions import LocalSession, RaySession
 from dsbs_ray.students import count_parameters, fetch_student, load_student, load_tokenizer, resolve_student
@@ -67,7 +68,11 @@ def train_loop(config: dict, session=None) -> dict | None:
 
     config: a TrainConfig as a dict. session: LocalSession (default) or RaySession.
     """
-    loop_start = time.perf_counter()
+    loop_start, loop_started_at = time.perf_counter(), time.time()
+    phases = Phases()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a trial's lines are its steps, evaluations and result
     cfg = TrainConfig(**config)
     run_dir = Path(cfg.output_dir).resolve() / cfg.name()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,31 +82,37 @@ def train_loop(config: dict, session=None) -> dict | None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     bf16 = use_bf16(cfg, device)
-    path = fetch_student(cfg.student)  # before zero.Init below: a download or a conversion builds whole models
+    with phases.time("load"):
+        path = fetch_student(cfg.student)  # before zero.Init below: a download or a conversion builds whole models
     ds_config, hf_ds_config, accelerator = None, None, None
-    if cfg.zero != "off":
-        accelerator = pin_deepspeed_accelerator(device)
-        single_process_group(device)
-        import deepspeed
+    with phases.time("start"):
+        if cfg.zero != "off":
+            accelerator = pin_deepspeed_accelerator(device)
+            single_process_group(device)
+            import deepspeed
 
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
-        ds_config = deepspeed_config(cfg, bf16)
-        if cfg.zero == "3":  # while this object lives, from_pretrained builds the student partitioned
-            from transformers.integrations import HfDeepSpeedConfig
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+            ds_config = deepspeed_config(cfg, bf16)
+            if cfg.zero == "3":  # while this object lives, from_pretrained builds the student partitioned
+                from transformers.integrations import HfDeepSpeedConfig
 
-            hf_ds_config = HfDeepSpeedConfig(ds_config)
+                hf_ds_config = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.seed)
 
-    student, tokenizer = load_student(path, device.type)
-    family = family_of(student.config)
-    loaded = torch.tensor([local_parameters(student)], dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(loaded, op=torch.distributed.ReduceOp.MAX)
-    data = prepare_data(cfg, tokenizer, family)
-    tokens = data["train"]
-    keys = [length_key(tokens, i) for i in range(len(tokens["labels"]))]
-    module = family.MultiTask(student)
-    backend = TorchBackend(module, cfg, world, device) if cfg.zero == "off" else DeepSpeedBackend(module, cfg, ds_config, device)
+    with phases.time("load"):
+        student, tokenizer = load_student(path, device.type)
+        family = family_of(student.config)
+        loaded = torch.tensor([local_parameters(student)], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(loaded, op=torch.distributed.ReduceOp.MAX)
+    with phases.time("data"):
+        data = prepare_data(cfg, tokenizer, family)
+        tokens = data["train"]
+        keys = [length_key(tokens, i) for i in range(len(tokens["labels"]))]
+    with phases.time("load"):
+        module = family.MultiTask(student)
+        backend = (TorchBackend(module, cfg, world, device) if cfg.zero == "off"
+                   else DeepSpeedBackend(module, cfg, ds_config, device))
     synced = cfg.zero == "3" and world > 1
 
     state = {"step": 0, "restart": None}
@@ -117,7 +128,8 @@ def train_loop(config: dict, session=None) -> dict | None:
         state["step"] = saved["step"]
         return True
 
-    resumed = session.restore(load)
+    with phases.time("checkpoint"):
+        resumed = session.restore(load)
     start_step = state["step"]
     if resumed:
         _log(rank, f"resumed from checkpoint at step {start_step}")
@@ -126,9 +138,10 @@ def train_loop(config: dict, session=None) -> dict | None:
 
     def report(metrics: dict, checkpoint: bool):
         if not checkpoint:
-            session.report(metrics, None)
+            with phases.time("logging"):
+                session.report(metrics, None)
             return
-        with tempfile.TemporaryDirectory(prefix="dsbs_ckpt_") as d:
+        with phases.time("checkpoint"), tempfile.TemporaryDirectory(prefix="dsbs_ckpt_") as d:
             backend.save(Path(d), rank, last=metrics["step"] == cfg.max_steps)
             if rank == 0:
                 (Path(d) / "trainer_state.json").write_text(json.dumps({"step": metrics["step"], "layout": layout}))
@@ -146,9 +159,13 @@ def train_loop(config: dict, session=None) -> dict | None:
             epoch_batches[epoch] = bucketed_batches(keys, cfg.batch_size, cfg.seed, epoch, min_rows)
         return epoch_batches[epoch][step % per_epoch]
 
+    eval_rows = {"rows": 0}
+
     def evaluate_split(split: str, final: bool) -> float:
-        return evaluate(module.student, tokenizer, family, data, split, cfg, device, rank, world, synced,
-                        predictions_path=run_dir / f"predictions_{split}.jsonl" if final else None)
+        eval_rows["rows"] += len(data[split]["labels"])
+        with phases.time("eval"):
+            return evaluate(module.student, tokenizer, family, data, split, cfg, device, rank, world, synced,
+                            predictions_path=run_dir / f"predictions_{split}.jsonl" if final else None)
 
     live = _live_metrics(cfg) if rank == 0 else None
     module.train()
@@ -170,6 +187,7 @@ def train_loop(config: dict, session=None) -> dict | None:
             step_loss += backend.accumulate(batch, loss_fn, last_micro=m == len(micro_batches) - 1) / world
         backend.step()
         train_seconds += time.perf_counter() - t0
+        phases.add("steps", time.perf_counter() - t0)
         examples += len(batch_rows)
         loss_sum += step_loss
         loss_steps += 1
@@ -180,23 +198,30 @@ def train_loop(config: dict, session=None) -> dict | None:
         if not (evaluate_now or checkpoint_now):
             continue
         metrics = {"step": done}
-        if evaluate_now:  # valid and test at every evaluation, as the paper's code logs them
+        if evaluate_now:  # valid (its eval_limit rows) at every evaluation; the whole test split at the last
             loss_t = torch.tensor([loss_sum], dtype=torch.float64)
             if world > 1:
                 torch.distributed.all_reduce(loss_t)
+            eval_start, rows_before = phases.seconds.get("eval", 0.0), eval_rows["rows"]
             valid_acc = evaluate_split("valid", final)  # the last evaluation writes the predictions files
-            test_acc = evaluate_split("test", final)
-            metrics |= {"loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc, "test_accuracy": test_acc,
-                        "lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9),
-                        "examples": examples, "train_seconds": train_seconds}
-            _log(rank, f"step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} valid_accuracy {valid_acc:.4f} "
-                       f"test_accuracy {test_acc:.4f} {metrics['examples_per_s']:.1f} ex/s")
+            metrics |= {"loss": loss_t.item() / loss_steps, "valid_accuracy": valid_acc}
+            if final:
+                metrics["test_accuracy"] = evaluate_split("test", final)
+            eval_s = phases.seconds["eval"] - eval_start
+            metrics |= {"lr": backend.lr(), "examples_per_s": examples / max(train_seconds, 1e-9),
+                        "examples": examples, "train_seconds": train_seconds, "eval_seconds": eval_s}
+            test_part = f" test_accuracy {metrics['test_accuracy']:.4f}" if final else ""
+            _log(rank, f"step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} valid_accuracy {valid_acc:.4f}"
+                       f"{test_part} {metrics['examples_per_s']:.1f} ex/s; eval {eval_s:.1f} s for "
+                       f"{eval_rows['rows'] - rows_before} rows")
             last_metrics = metrics
             first_loss = metrics["loss"] if first_loss is None else first_loss
             loss_sum, loss_steps = 0.0, 0
-        report(metrics, checkpoint=checkpoint_now)
+        # the last step's checkpoint only where the run keeps them all: a finished run resumes nothing
+        report(metrics, checkpoint=checkpoint_now and (not final or cfg.keep == "all"))
         if live and evaluate_now:
-            live(metrics, done)
+            with phases.time("logging"):
+                live(metrics, done)
 
     if last_metrics.get("step") == cfg.max_steps:  # evaluated at the last step already
         valid_acc, test_acc = last_metrics["valid_accuracy"], last_metrics["test_accuracy"]
@@ -204,11 +229,12 @@ def train_loop(config: dict, session=None) -> dict | None:
         valid_acc, test_acc = evaluate_split("valid", True), evaluate_split("test", True)
     # every step's tokens, also those of steps a resumed run did before (the ledger is the job's)
     train_tokens = sum(trained_tokens(tokens, batch_at(s)) for s in range(cfg.max_steps)) if rank == 0 else 0
-    weights = backend.full_state_dict(rank)
     parameters = count_parameters(module.student)
-    if rank == 0:
-        module.student.save_pretrained(run_dir / "model", state_dict=weights)
-        tokenizer.save_pretrained(run_dir / "model")
+    with phases.time("export"):
+        weights = backend.full_state_dict(rank) if cfg.keep != "none" else None
+        if rank == 0 and cfg.keep != "none":
+            module.student.save_pretrained(run_dir / "model", state_dict=weights)
+            tokenizer.save_pretrained(run_dir / "model")
     del hf_ds_config
     if rank != 0:
         return None
@@ -225,6 +251,9 @@ def train_loop(config: dict, session=None) -> dict | None:
         "restarted_afresh": state["restart"],
         "examples_per_s": examples / train_seconds if train_seconds else None,
         "train_seconds": train_seconds, "loop_seconds": time.perf_counter() - loop_start, "run_dir": str(run_dir),
+        "phases": phases.seconds, "loop_started_at": loop_started_at, "eval_rows": eval_rows["rows"],
+        "eval_seconds_per_100_rows": 100 * phases.seconds.get("eval", 0.0) / max(1, eval_rows["rows"]),
+        "test_rows": len(data["test"]["labels"]), "valid_rows": len(data["valid"]["labels"]),
         "predictions": str(run_dir / "predictions_test.jsonl"), "first_loss": first_loss, "final_loss": last_metrics.get("loss"),
         "device": device.type, "precision": "bf16" if bf16 else "fp32", "deepspeed_accelerator": accelerator,
         "master_dtype": str(next(module.student.parameters()).dtype).removeprefix("torch."),
@@ -242,21 +271,50 @@ def _ray_worker(config: dict):
     return train_loop(config, RaySession())
 
 
+def free_memory() -> None:
+    """Give a finished job's memory back to the OS, for a process that runs the next job (a reused
+    Tune trial actor). glibc keeps freed heap for reuse: measured, a SmolLM2 job left 2.7 GB resident
+    after gc, 0.6 GB after malloc_trim; two reused actors on 24 GB ran out of memory without it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def train(cfg: TrainConfig, use_ray: bool = True) -> dict:
     """Run one job: checks first (clear errors before any worker starts), then the loop on
-    cfg.workers Ray Train workers, or in this process when use_ray is False."""
+    cfg.workers Ray Train workers, or in this process when use_ray is False.
+
+    A finished job leaves its result in its run dir (result.json) and, once it is there, only what
+    `keep` asks for: a rerun returns that result (skipped: True) and trains nothing."""
+    t0 = time.perf_counter()
     cfg = resolve_paths(cfg)
     validate(cfg)
-    # fills the token cache once; fails early on bad data
-    prepare_data(cfg, load_tokenizer(cfg.student), family_for(resolve_student(cfg.student)))
     if not use_ray and cfg.workers != 1:
         raise UserError("workers: more than one worker needs Ray (drop --no-ray)")
-    with hold(Path(cfg.output_dir) / cfg.name(), "run of this job", "output_dir"):  # its checkpoints are one run's
-        return _run_job(cfg, use_ray)
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name()
+    with hold(run_dir, "run of this job", "output_dir"):  # its checkpoints are one run's
+        stored = stored_result(cfg)
+        if stored is not None:
+            return {**stored, "skipped": True}
+        phases = Phases()
+        with phases.time("data"):  # fills the token cache once; fails early on bad data
+            prepare_data(cfg, load_tokenizer(cfg.student), family_for(resolve_student(cfg.student)))
+        metrics = _run_job(cfg, use_ray, phases)
+        metrics["wall_seconds"] = time.perf_counter() - t0
+        metrics["phases"] = phases.table(metrics["wall_seconds"])
+        write_result(cfg, metrics)
+        metrics["checkpoint"] = prune_run(run_dir, cfg.keep, metrics.get("checkpoint"))
+        return {**metrics, "skipped": False}
 
 
-def _run_job(cfg: TrainConfig, use_ray: bool) -> dict:
-    t0 = time.time()
+def _run_job(cfg: TrainConfig, use_ray: bool, phases: Phases) -> dict:
+    """The loop in this process, or on Ray Train; the loop's phases join `phases`, and on Ray Train
+    the time from fit() to the loop's first line is start-up (controller, worker group, process group)."""
     if not use_ray:
         session = LocalSession(Path(cfg.output_dir).resolve() / cfg.name())
         metrics = train_loop(cfg.model_dump(), session)
@@ -265,7 +323,9 @@ def _run_job(cfg: TrainConfig, use_ray: bool) -> dict:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        init_ray()
+        fit_started_at = time.time()
+        with phases.time("start"):
+            init_ray()
         resources = {"CPU": cfg.cpus_per_worker}
         if cfg.gpus_per_worker:
             resources["GPU"] = cfg.gpus_per_worker
@@ -277,10 +337,12 @@ def _run_job(cfg: TrainConfig, use_ray: bool) -> dict:
             run_config=ray.train.RunConfig(
                 name=cfg.name(), storage_path=str(Path(cfg.output_dir).resolve()),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.LoggingConfig(log_level="WARNING")),  # its INFO lines: Ray's log folder only
         )
         result = trainer.fit()
         metrics = dict(result.return_value)
+        phases.add("start", max(0.0, metrics["loop_started_at"] - fit_started_at - phases.seconds["start"]))
         metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    metrics["wall_seconds"] = time.time() - t0
+    phases.merge(metrics["phases"])
     return metrics

@@ -137,7 +137,7 @@ def test_pretrained_student_learns_on_svamp_and_is_evaluated(data_dir, tmp_path)
     """A dozen steps of dsbs on an SVAMP slice: the loss falls; accuracy is measured before and
     after with the same evaluation (no bar on it: 135M parameters, 22 rows, about one epoch)."""
     cfg = load_config(task="svamp", student=SMOLLM2, method="dsbs", label_source="gold", fraction=0.03,
-                      max_steps=12, batch_size=2, lr=1e-4, eval_every=6, eval_limit=10, max_input_length=128,
+                      max_steps=12, batch_size=2, lr=1e-4, eval_every=6, eval_limit=10, test_limit=10, max_input_length=128,
                       max_target_length=64, gen_max_length=24, zero="off", data_dir=str(data_dir),
                       output_dir=str(tmp_path), explain=True)
     student, tokenizer = load_student(fetch_student(SMOLLM2))

@@ -161,7 +161,7 @@ def _job_sweep(tmp: Path, tiny: dict, name: str, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "sweeps" / "local.yaml").read_text())
     cfg |= {"name": name, "students": [{"id": str(tiny["t5-tiny-s"]), "workers": 2, "cpus_per_worker": 0.5,
                                         "zero": "2"}],
-            "fractions": [0.25], "methods": ["dsbs-gold"], "max_steps": 10, "eval_every": 10, "eval_limit": 8,
+            "fractions": [0.25], "methods": ["dsbs-gold"], "max_steps": 10, "eval_every": 10, "eval_limit": 8, "test_limit": 8,
             "gen_max_length": 16, "teacher": "released", "rationale_filter": "none", "train_limit": None} | overrides
     for key in ("data_dir", "output_dir", "tracking_uri"):
         cfg.pop(key, None)

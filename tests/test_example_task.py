@@ -43,7 +43,7 @@ def test_a_users_number_and_text_tasks_go_through_teacher_sweep_and_report(tmp_p
              "students": [{"id": str(students["t5-tiny-s"]), "workers": 1, "cpus_per_worker": 0.5, "zero": "off"}],
              "fractions": [1.0], "methods": ["finetune", "dsbs-gold"],
              "teacher": {"model": "embedded:smollm2-135m-instruct", "max_new_tokens": 32},
-             "train_limit": TRAIN, "eval_limit": TEST, "max_steps": 6, "batch_size": 4, "lr": 3e-3,
+             "train_limit": TRAIN, "eval_limit": TEST, "test_limit": TEST, "max_steps": 6, "batch_size": 4, "lr": 3e-3,
              "max_input_length": 128, "max_target_length": 64, "gen_max_length": 12, "eval_every": 6,
              "annotation_store": "store", "output_dir": "sweeps", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
              "max_concurrent_trials": 2}

@@ -63,7 +63,7 @@ def _sweep(tmp_path, data_dir, students, name: str, student: str, steps: int, re
     cfg = {"name": name, "tasks": ["svamp"], "data_dir": str(data_dir),
            "students": [{"id": student, "workers": 1, "cpus_per_worker": 0.5, "zero": "off"}],
            "fractions": [1.0], "methods": ["finetune"], "teacher": "released", "rationale_filter": "none",
-           "max_steps": steps, "eval_every": steps, "eval_limit": 4, "gen_max_length": 8, "batch_size": 4,
+           "max_steps": steps, "eval_every": steps, "eval_limit": 4, "test_limit": 4, "gen_max_length": 8, "batch_size": 4,
            "max_input_length": 64, "max_target_length": 32, "max_retries": retries,
            "output_dir": str(tmp_path / "sweeps"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     path = tmp_path / f"{name}.yaml"

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from dsbs_ray.errors import UserError
+from dsbs_ray.ledger import TRIAL_FIXED_SECONDS
 from dsbs_ray.sweep import expand, load_sweep
 from ports import free_port
 
@@ -206,7 +207,15 @@ def test_the_papers_dry_run_prints_the_bill_of_its_full_grid_before_any_check(tm
     assert full[("svamp", "standard", "gold")]["teacher_rows"] == 0  # finetune reads no teacher
     e = full[("cqa", "dsbs", "teacher")]
     assert e["accelerator"] == "gpu" and e["parameters"] == 247_577_856
-    assert e["accelerator_seconds"] == pytest.approx(6 * e["parameters"] * e["train_tokens"] / (989e12 * 0.4))
+    # the steps' FLOPs at the assumed utilisation, plus the trial's fixed seconds on its one GPU
+    assert e["accelerator_seconds"] == pytest.approx(6 * e["parameters"] * e["train_tokens"] / (989e12 * 0.4)
+                                                     + TRIAL_FIXED_SECONDS)
+    assert e["fixed_accelerator_seconds"] == TRIAL_FIXED_SECONDS
+    xxl = next(x for x in estimates if x["student"] == "t5-v1_1-xxl")
+    assert xxl["fixed_accelerator_seconds"] == 8 * TRIAL_FIXED_SECONDS  # 8 workers of 1 GPU wait through it
+    fixed_usd = sum(x["fixed_accelerator_seconds"] / 3600 * 2.49 for x in estimates)
+    assert ledger["fixed_usd"] == pytest.approx(fixed_usd) and ledger["fixed_share"] == pytest.approx(
+        fixed_usd / ledger["total_usd"])
     assert e["cost_usd"] == pytest.approx(e["accelerator_seconds"] / 3600 * 2.49
                                           + (e["teacher_prompt_tokens"] + e["teacher_output_tokens"]) / 1e6 * 3.5)
     # dsbs trains the rationale too: more tokens than standard on the same rows and steps
@@ -218,4 +227,5 @@ def test_the_papers_dry_run_prints_the_bill_of_its_full_grid_before_any_check(tm
                and x["label_source"] == "gold")
     assert ledger["teacher_tokens"] == once
     assert "estimated bill of 240 trials" in r.stderr
+    assert f"{100 * ledger['fixed_share']:.1f}% of the bill" in r.stderr
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: student google/t5-v1_1-base")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ def _local_sweep(tmp: Path, tiny: dict, data_dir: Path, name: str, **overrides) 
     cfg["students"] = [{"id": str(tiny[n]), "workers": 1, "cpus_per_worker": 0.5, "zero": "off"}
                        for n in ("t5-tiny-s", "t5-tiny-m")]
     cfg |= {"name": name, "data_dir": str(data_dir), "output_dir": str(tmp / "sweeps"),
-            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_steps": 10, "eval_every": 10, "eval_limit": 10,
+            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_steps": 10, "eval_every": 10, "eval_limit": 10, "test_limit": 10,
+            "checkpoint_every": 5,  # a checkpoint with optimizer state mid-trial, gone once the trial is done
             "gen_max_length": 16} | RELEASED | overrides
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -114,6 +116,36 @@ def test_mlflow_has_one_child_run_per_trial_with_params_and_accuracy(resumed_swe
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
     report = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
     assert {"report/report.md", "report/accuracy_vs_fraction.png", "report/accuracy_vs_size.png"} <= report
+
+
+def test_every_trial_records_where_its_time_went_and_keeps_its_model_but_no_optimizer_state(resumed_sweep):
+    """Each trial's phases (start-up, load, data, steps, evaluation, checkpoints, export, logging and
+    the rest) add up to its wall time, in its result and as MLflow metrics; the summary sums them. A
+    finished trial keeps (keep: model, the default) its exported student and no checkpoint."""
+    from mlflow import MlflowClient
+
+    from dsbs_ray.phases import PHASES
+
+    names = set(PHASES) | {"other"}
+    results = {p.parent.name: json.loads(p.read_text())
+               for p in (resumed_sweep["tmp"] / "sweeps" / "local-test").glob("*/result.json")}
+    assert len(results) == 8
+    c = MlflowClient(resumed_sweep["uri"])
+    for r in results.values():
+        phases, run = r["phases"], Path(r["run_dir"])
+        assert set(phases) == names and all(v >= 0 for v in phases.values())
+        assert sum(phases.values()) == pytest.approx(r["trial_seconds"])
+        assert phases["steps"] == pytest.approx(r["train_seconds"]) and phases["steps"] > 0
+        assert phases["eval"] > 0 and phases["logging"] > 0 and phases["data"] > 0
+        assert r["test_rows"] == 10 and r["eval_seconds_per_100_rows"] > 0
+        metrics = c.get_run(r["mlflow_run_id"]).data.metrics
+        assert {k: metrics[f"phase_{k}_seconds"] for k in names} == pytest.approx(phases)
+        assert (run / "model" / "model.safetensors").exists() and (run / "predictions_test.jsonl").exists()
+        assert not (run / "checkpoints").exists() and not list(run.glob("checkpoint_*"))
+    summary = resumed_sweep["summary"]["phases"]
+    ran = [r for r in resumed_sweep["summary"]["results"] if r["status"] == "finished"]
+    assert set(summary) == names and sum(v["share"] for v in summary.values()) == pytest.approx(1.0)
+    assert summary["steps"]["seconds"] == pytest.approx(sum(results[r["trial"]]["phases"]["steps"] for r in ran))
 
 
 def test_every_trial_has_a_cost_ledger_at_the_sweep_prices(resumed_sweep, data_dir):
@@ -302,6 +334,13 @@ def test_one_sweep_trains_a_t5_and_a_decoder_only_student_and_reports_both(stude
     runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "families")
     got = {(x.data.params["student_name"], x.data.params["student_family"], x.data.params["steps"]) for x in runs}
     assert got == {("t5-tiny-s", "seq2seq", "10"), ("smollm2-135m-instruct", "causal", "2")}
+    # a quiet log: the dashboard's address first, each trial's steps and result, no Ray line on repeat
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert any(ln.startswith("sweep families: ") and "Ray dashboard http://127.0.0.1:" in ln for ln in lines[:5])
+    assert sum("finished: accuracy" in ln for ln in lines) == 2 and any("step 2/2 loss" in ln for ln in lines)
+    repeated = {ln: n for ln, n in Counter(lines).items() if n > 1}
+    assert not repeated and "Failed to query Ray Train Controller" not in r.stderr, repeated
+    assert "logging_progress" not in r.stderr and "Trial status" not in r.stderr
     assert all(x.info.status == "FINISHED" and 0.0 <= x.data.metrics["accuracy"] <= 1.0 for x in runs)
     text = Path(summary["report"]).read_text()
     assert "| svamp | released | t5-tiny-s | seq2seq |" in text

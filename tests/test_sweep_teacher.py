@@ -56,7 +56,7 @@ def teacher_sweep(tmp_path_factory, students, data_dir):
            "teacher": {"model": "embedded:smollm2-135m-instruct", "temperature": 0.7, "samples": K,
                        "max_new_tokens": 32, "batch_size": 8},
            "rationale_filter": ["none", "agree-gold"], "unmatched": "no-rationale",
-           "train_limit": TRAIN, "eval_limit": TEST, "max_steps": 4, "batch_size": 4, "lr": 1e-3,
+           "train_limit": TRAIN, "eval_limit": TEST, "test_limit": TEST, "max_steps": 4, "batch_size": 4, "lr": 1e-3,
            "max_input_length": 128, "max_target_length": 64, "gen_max_length": 16, "eval_every": 4,
            "annotation_store": str(tmp / "store"), "output_dir": str(tmp / "sweeps"),
            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_concurrent_trials": 2}

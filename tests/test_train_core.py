@@ -144,7 +144,7 @@ def test_tiny_students_have_three_growing_sizes(students):
 @pytest.mark.parametrize("task, method, label_source", [("svamp", "dsbs", "gold"), ("cqa", "standard", "teacher")])
 def test_tiny_student_learns_and_is_evaluated(students, data_dir, tmp_path, task, method, label_source):
     cfg = load_config(task=task, student=str(students["t5-tiny-s"]), method=method, label_source=label_source,
-                      fraction=0.05, max_steps=30, batch_size=8, lr=3e-3, eval_every=15, eval_limit=12,
+                      fraction=0.05, max_steps=30, batch_size=8, lr=3e-3, eval_every=15, eval_limit=12, test_limit=12,
                       max_input_length=192, max_target_length=48, gen_max_length=16, zero="off",
                       data_dir=str(data_dir), output_dir=str(tmp_path), explain=True)
     m = train(cfg, use_ray=False)

@@ -23,7 +23,7 @@ def _params(run_dir: str) -> dict:
 def test_two_workers_ddp_zero2_zero3_match_one_worker(students, data_dir, tmp_path):
     """Same global batches, split over 2 workers: the weights after the steps match one worker."""
     common = dict(task="svamp", student=str(students["t5-tiny-s"]), method="dsbs", fraction=0.1, max_steps=2,
-                  batch_size=8, lr=1e-2, eval_every=1, eval_limit=2, gen_max_length=2, max_input_length=128,
+                  batch_size=8, lr=1e-2, eval_every=1, eval_limit=2, test_limit=2, gen_max_length=2, max_input_length=128,
                   max_target_length=48, data_dir=str(data_dir))
     one = train(load_config(**common, zero="off", output_dir=str(tmp_path / "one")), use_ray=False)
     ddp = train(load_config(**common, zero="off", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "ddp")))
@@ -52,7 +52,7 @@ def test_decoder_only_student_two_workers_zero2_match_one_worker(data_dir, tmp_p
     from dsbs_ray.embedded import SMOLLM2, smollm2_path
 
     common = dict(task="svamp", student=SMOLLM2, method="dsbs", fraction=0.01, max_steps=1, batch_size=4, lr=1e-4,
-                  eval_every=1, eval_limit=2, gen_max_length=2, max_input_length=96, max_target_length=48,
+                  eval_every=1, eval_limit=2, test_limit=2, gen_max_length=2, max_input_length=96, max_target_length=48,
                   data_dir=str(data_dir))
     one = train(load_config(**common, zero="off", output_dir=str(tmp_path / "one")), use_ray=False)
     zero2 = train(load_config(**common, zero="2", workers=2, cpus_per_worker=0.5, output_dir=str(tmp_path / "z2")))
@@ -107,7 +107,7 @@ def test_a_changed_world_size_never_loads_a_deepspeed_checkpoint_of_another(stud
     """A student's `workers` changed between two runs of the same job (ZeRO-2): the run name stays, the
     world-2 DeepSpeed checkpoint is not loaded by one worker: the job starts afresh and says so."""
     common = dict(task="svamp", student=str(students["t5-tiny-s"]), method="dsbs", fraction=0.1, max_steps=4,
-                  batch_size=8, lr=1e-2, eval_every=2, checkpoint_every=2, eval_limit=2, gen_max_length=2,
+                  batch_size=8, lr=1e-2, eval_every=2, checkpoint_every=2, eval_limit=2, test_limit=2, gen_max_length=2,
                   max_input_length=128, max_target_length=48, zero="2", data_dir=str(data_dir),
                   output_dir=str(tmp_path / "runs"))
     two = train(load_config(**common, workers=2, cpus_per_worker=0.5))

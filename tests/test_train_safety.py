@@ -14,11 +14,12 @@ from dsbs_ray import backends, train as train_mod
 from dsbs_ray.data import select_rows, tokenize_split
 from dsbs_ray.families import seq2seq
 from dsbs_ray.job import data_fingerprint, load_config, resolve_paths
+from dsbs_ray.phases import PHASES
 from dsbs_ray.sessions import LocalSession
 from dsbs_ray.students import load_student
 from dsbs_ray.train import train
 
-COMMON = dict(task="svamp", method="dsbs", fraction=0.1, batch_size=8, lr=1e-2, eval_limit=4, gen_max_length=4,
+COMMON = dict(task="svamp", method="dsbs", fraction=0.1, batch_size=8, lr=1e-2, eval_limit=4, test_limit=4, gen_max_length=4,
               max_input_length=128, max_target_length=48)
 
 
@@ -27,9 +28,13 @@ def _job(students, data_dir, tmp_path, **kw):
                                         output_dir=str(tmp_path / "runs")) | kw))
 
 
-def test_no_ray_deepspeed_needs_no_launcher_and_evaluates_test_at_every_evaluation(students, data_dir, tmp_path):
-    """`dsbs train --no-ray` with the default ZeRO-2: no mpi4py, no launcher env; valid and test at every
-    evaluation; checkpoints only every checkpoint_every steps (and at the end)."""
+def test_no_ray_deepspeed_needs_no_launcher_and_scores_valid_at_every_evaluation_test_at_the_last(
+        students, data_dir, tmp_path):
+    """`dsbs train --no-ray` with the default ZeRO-2: no mpi4py, no launcher env; valid at every
+    evaluation, test once, at the last step; checkpoints every checkpoint_every steps, none at the
+    last (a finished run resumes nothing); every phase of the loop timed."""
+    from dsbs_ray.phases import PHASES
+
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     job = _job(students, data_dir, tmp_path, zero="2", max_steps=6, eval_every=2, checkpoint_every=4)
@@ -37,25 +42,55 @@ def test_no_ray_deepspeed_needs_no_launcher_and_evaluates_test_at_every_evaluati
     metrics = train_mod.train_loop(resolve_paths(job).model_dump(), session)
     assert metrics["steps"] == 6 and metrics["device"] == "cpu" and metrics["deepspeed_accelerator"] == "cpu"
     assert [h["step"] for h in session.history] == [2, 4, 6]
-    assert all({"valid_accuracy", "test_accuracy", "loss"} <= set(h) for h in session.history)
-    assert sorted(p.name for p in (session.run_dir / "checkpoints").iterdir()) == ["step_4", "step_6"]
+    assert all({"valid_accuracy", "loss", "eval_seconds"} <= set(h) for h in session.history)
+    assert ["test_accuracy" in h for h in session.history] == [False, False, True]
+    assert sorted(p.name for p in (session.run_dir / "checkpoints").iterdir()) == ["step_4"]
+    phases = metrics["phases"]
+    assert set(phases) <= set(PHASES) and {"start", "load", "data", "steps", "eval", "checkpoint", "export"} <= set(phases)
+    assert phases["steps"] == pytest.approx(metrics["train_seconds"]) and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= metrics["loop_seconds"]
+    # 3 evaluations of the 4 valid rows, then the 4 test rows (test_limit 4)
+    assert metrics["eval_rows"] == 3 * 4 + 4 and metrics["test_rows"] == 4
 
 
-def test_the_last_checkpoint_holds_the_weights_only_and_a_rerun_scores_the_same(students, data_dir, tmp_path):
-    """Plain torch: a mid-run checkpoint carries AdamW's state (to resume training); the last one only
-    the weights (nothing trains after it). A rerun of the finished job resumes there and scores the same."""
-    job = _job(students, data_dir, tmp_path, zero="off", max_steps=4, eval_every=2, checkpoint_every=2)
+@pytest.mark.parametrize("keep", ["model", "none", "all"])
+def test_a_finished_run_keeps_what_keep_says_and_a_rerun_returns_its_result(students, data_dir, tmp_path, keep):
+    """Plain torch, a checkpoint at step 2 (AdamW's state in it, to resume). Once the run is finished
+    (result.json written): keep model leaves the exported student and no checkpoint, none neither,
+    all every checkpoint (the last one the weights only). A rerun trains nothing: it returns the
+    stored result."""
+    job = _job(students, data_dir, tmp_path, zero="off", max_steps=4, eval_every=2, checkpoint_every=2, keep=keep)
     first = train(job, use_ray=False)
-    ckpts = Path(first["run_dir"]) / "checkpoints"
-    assert set(torch.load(ckpts / "step_2" / "state.pt", weights_only=True)) == {"model", "optimizer", "scheduler"}
-    assert set(torch.load(ckpts / "step_4" / "state.pt", weights_only=True)) == {"model"}
+    run = Path(first["run_dir"])
+    assert first["skipped"] is False and (run / "result.json").exists() and (run / "predictions_test.jsonl").exists()
+    assert set(first["phases"]) == set(PHASES) | {"other"}
+    assert sum(first["phases"].values()) == pytest.approx(first["wall_seconds"])
+    assert (run / "model" / "model.safetensors").exists() == (keep != "none")
+    assert (run / "checkpoints").exists() == (keep == "all") and first["checkpoint"] is (
+        None if keep != "all" else first["checkpoint"])
+    if keep == "all":
+        ckpts = run / "checkpoints"
+        assert set(torch.load(ckpts / "step_2" / "state.pt", weights_only=True)) == {"model", "optimizer", "scheduler"}
+        assert set(torch.load(ckpts / "step_4" / "state.pt", weights_only=True)) == {"model"}
+        saved = load_file(run / "model" / "model.safetensors")  # the exported student is the last step's
+        last = {k.removeprefix("student."): v for k, v in
+                torch.load(ckpts / "step_4" / "state.pt", weights_only=True)["model"].items()}
+        assert saved and all(torch.equal(v, last[k]) for k, v in saved.items())
+    stamp = (run / "result.json").stat().st_mtime_ns
     again = train(job, use_ray=False)
-    assert again["resumed_from_step"] == 4 and again["run_dir"] == first["run_dir"]
+    assert again["skipped"] is True and (again["accuracy"], again["valid_accuracy"]) == (first["accuracy"], first["valid_accuracy"])
+    assert (run / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_a_run_killed_after_its_last_checkpoint_scores_the_same_on_rerun(students, data_dir, tmp_path):
+    """keep all, the result lost (the run died after its last checkpoint): the rerun resumes at the
+    last step, trains nothing, and scores the same."""
+    job = _job(students, data_dir, tmp_path, zero="off", max_steps=4, eval_every=2, checkpoint_every=2, keep="all")
+    first = train(job, use_ray=False)
+    (Path(first["run_dir"]) / "result.json").unlink()
+    again = train(job, use_ray=False)
+    assert again["skipped"] is False and again["resumed_from_step"] == 4 and again["run_dir"] == first["run_dir"]
     assert (again["accuracy"], again["valid_accuracy"]) == (first["accuracy"], first["valid_accuracy"])
-    saved = load_file(Path(first["run_dir"]) / "model" / "model.safetensors")  # the exported student
-    last = {k.removeprefix("student."): v for k, v in
-            torch.load(ckpts / "step_4" / "state.pt", weights_only=True)["model"].items()}
-    assert saved and all(torch.equal(v, last[k]) for k, v in saved.items())
 
 
 def test_no_ray_takes_this_process_gpu_whatever_gpus_per_worker_says(monkeypatch):
@@ -102,10 +137,14 @@ def test_a_changed_layout_restarts_afresh_and_says_so_then_resumes(students, dat
     """Same job, ZeRO stage changed between runs: the run name stays (the result does not depend on it),
     the plain-torch checkpoint is not fed to DeepSpeed: the run starts afresh and says so. Rerun with the
     same layout: it resumes."""
-    base = dict(max_steps=4, eval_every=2, checkpoint_every=2)
-    first = train(_job(students, data_dir, tmp_path, zero="off", **base), use_ray=False)
+    base = dict(max_steps=4, eval_every=2, checkpoint_every=2, keep="all")
+
+    def unfinished(result):  # as if each run had died after its last checkpoint
+        (Path(result["run_dir"]) / "result.json").unlink()
+        return result
+    first = unfinished(train(_job(students, data_dir, tmp_path, zero="off", **base), use_ray=False))
     assert first["restarted_afresh"] is None and first["resumed_from_step"] == 0
-    second = train(_job(students, data_dir, tmp_path, zero="2", **base), use_ray=False)
+    second = unfinished(train(_job(students, data_dir, tmp_path, zero="2", **base), use_ray=False))
     assert second["run_dir"] == first["run_dir"]
     assert "starting afresh" in second["restarted_afresh"] and second["resumed_from_step"] == 0
     third = train(_job(students, data_dir, tmp_path, zero="2", **base), use_ray=False)
@@ -184,13 +223,13 @@ def test_edited_data_is_a_new_run_never_a_stale_resume(students, data_dir, tmp_p
     job = dict(zero="off", max_steps=2, eval_every=2)
     first = train(_job(students, data, tmp_path, **job), use_ray=False)
     same = train(_job(students, data, tmp_path, **job), use_ray=False)
-    assert same["run_dir"] == first["run_dir"] and same["resumed_from_step"] == 2  # unchanged data: resumes
+    assert same["run_dir"] == first["run_dir"] and same["skipped"] is True  # unchanged data: its finished result
     outputs_file = data / "svamp" / "llm" / "train_CoT_0.json"
     outputs = json.loads(outputs_file.read_text())
     outputs[0] = outputs[0] + " "
     outputs_file.write_text(json.dumps(outputs))
     edited = train(_job(students, data, tmp_path, **job), use_ray=False)
-    assert edited["run_dir"] != first["run_dir"] and edited["resumed_from_step"] == 0
+    assert edited["run_dir"] != first["run_dir"] and edited["skipped"] is False and edited["resumed_from_step"] == 0
     # a method that does not read teacher outputs is not affected by them
     finetune = dict(job, method="standard")
     assert (resolve_paths(_job(students, data, tmp_path, **finetune)).data_fingerprint
