@@ -234,8 +234,8 @@ def sweep_cmd(
                                               "multi-node cluster, storage every node mounts."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and list the trials; train nothing."),
 ) -> None:
-    """Run a sweep: every (task, student, fraction, method, seed) a Ray Train job under Ray Tune,
-    logged to MLflow, then the report. Rerunning resumes: finished trials are not trained again.
+    """Run a sweep: every (task, student, fraction, method, seed) a trial under Ray Tune (one worker:
+    in the trial's actor; several: a Ray Train job), logged to MLflow, then the report. Rerunning resumes: finished trials are not trained again.
 
     Prints one JSON summary line; exits 1 when a trial failed after its retries."""
     from dsbs_ray.sweep import check_sweep, load_sweep, run_sweep

@@ -306,12 +306,12 @@ def run_trial(job: TrainConfig, tracking_uri: str, experiment_id: str, parent_ru
     for name in ("predictions_test.jsonl", "predictions_valid.jsonl", "config.json"):
         if (run_dir / name).exists():
             c.log_artifact(run_id, str(run_dir / name))
-    phases = Phases({k: v for k, v in (result.get("phases") or {}).items() if k != "other"})
-    trial_seconds = time.perf_counter() - t0 + (result.get("wall_seconds") or 0.0) - job_seconds
-    phases.add("logging", time.perf_counter() - t0 - job_seconds)  # (the rest of this function: MLflow)
-    result["phases"] = phases.table(trial_seconds)
-    result["trial_seconds"] = trial_seconds
-    tracking.log_metrics(c, run_id, phase_metrics(result["phases"]) | {"trial_seconds": trial_seconds},
+    if job_seconds or "trial_seconds" not in result:  # (else: a finished trial logged to another store again)
+        phases = Phases({k: v for k, v in (result.get("phases") or {}).items() if k != "other"})
+        trial_seconds = time.perf_counter() - t0 + (result.get("wall_seconds") or 0.0) - job_seconds
+        phases.add("logging", time.perf_counter() - t0 - job_seconds)  # (the rest of this function: MLflow)
+        result["phases"], result["trial_seconds"] = phases.table(trial_seconds), trial_seconds
+    tracking.log_metrics(c, run_id, phase_metrics(result["phases"]) | {"trial_seconds": result["trial_seconds"]},
                          step=job.max_steps)
     c.set_terminated(run_id, "FINISHED")
     result = {**result, "mlflow_run_id": run_id, "method": sweep_method(job), "run_name": job.name(), "ledger": ledger}
@@ -477,8 +477,8 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[TrainConfig], str, list[dict]]:
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    """Annotate what the trials need, run the grid with Ray Tune (each trial a Ray Train job), then
-    the report. Returns a summary."""
+    """Annotate what the trials need, run the grid with Ray Tune (a one-worker trial in its Tune
+    actor, a bigger one a Ray Train job), then the report. Returns a summary."""
     t0 = time.time()
     jobs, uri, requests = check_sweep(cfg)
     experiment = cfg.experiment or cfg.name

@@ -186,8 +186,9 @@ def train_loop(config: dict, session=None) -> dict | None:
             batch = {k: v.to(device) for k, v in family.collate(tokens, rows, family.pad_id(tokenizer)).items()}
             step_loss += backend.accumulate(batch, loss_fn, last_micro=m == len(micro_batches) - 1) / world
         backend.step()
-        train_seconds += time.perf_counter() - t0
-        phases.add("steps", time.perf_counter() - t0)
+        step_seconds = time.perf_counter() - t0
+        train_seconds += step_seconds
+        phases.add("steps", step_seconds)
         examples += len(batch_rows)
         loss_sum += step_loss
         loss_steps += 1

@@ -225,7 +225,7 @@ def test_task_new_writes_a_spec_that_checks(tmp_path):
 def test_dsbs_train_takes_a_spec_path(tmp_path, students):
     shutil.copytree(EXAMPLES, tmp_path / "mine")
     r = _dsbs("train", "--task", "./shop.yaml", "--student", students["t5-tiny-s"], "--method", "standard",
-              "--max-steps", 2, "--batch-size", 4, "--eval-every", 2, "--eval-limit", 4, "--max-input-length", 64,
+              "--max-steps", 2, "--batch-size", 4, "--eval-every", 2, "--eval-limit", 4, "--test-limit", 4, "--max-input-length", 64,
               "--zero", "off", "--no-ray", "--output-dir", tmp_path / "runs", cwd=tmp_path / "mine")
     assert r.returncode == 0, r.stderr[-3000:]
     line = json.loads(r.stdout.strip().splitlines()[-1])

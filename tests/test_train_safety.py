@@ -282,7 +282,7 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_runs(students, 
     steps = 300  # ~17 s of training: the first run must outlive the second's start-up (~7 s), or both finish
     cmd = [sys.executable, "-m", "dsbs_ray", "train", "--task", "svamp", "--student", str(students["t5-tiny-s"]),
            "--fraction", "0.1", "--max-steps", str(steps), "--batch-size", "8", "--eval-every", str(steps),
-           "--eval-limit", "4",
+           "--eval-limit", "4", "--test-limit", "4",
            "--gen-max-length", "4", "--max-input-length", "128", "--max-target-length", "48", "--zero", "off",
            "--no-ray", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
