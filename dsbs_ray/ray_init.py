@@ -34,10 +34,11 @@ def init_ray() -> str | None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, logging_config=quiet)
-    else:
+    else:  # this box only: no node of it is preempted (Ray Train's watcher for that logged an error a run)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         context = ray.init(address="local", include_dashboard=os.environ.get("DSBS_RAY_DASHBOARD", "1") != "0",
-                 dashboard_host="127.0.0.1", object_store_memory=300 * 2**20, log_to_driver=True,
-                 logging_config=quiet)
+                           dashboard_host="127.0.0.1", object_store_memory=300 * 2**20, log_to_driver=True,
+                           logging_config=quiet)
     for name in RAY_LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     url = getattr(context, "dashboard_url", None)

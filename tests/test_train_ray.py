@@ -102,14 +102,17 @@ def test_killed_job_resumes_from_its_last_checkpoint(students, data_dir, tmp_pat
     assert metrics["steps"] == 40
     assert metrics["resumed_from_step"] >= 5 and metrics["resumed_from_step"] % 5 == 0
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    # a quiet log: its step lines, once each; no Ray line on repeat (Train's cleaner, its reports)
+    # a quiet log: its step lines, once each; no line on repeat but each worker's own start-up lines
+    # (DeepSpeed's, torch's: one per worker); none of Ray Train's (its cleaner's warning, its reports)
     lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
-    repeated = {ln: n for ln, n in Counter(lines).items() if n > 1 and "%|" not in ln}  # (progress bars' frames)
+    repeated = {ln: n for ln, n in Counter(lines).items() if n > 2 and "%|" not in ln}  # (progress bars' frames)
     assert not repeated and "Failed to query Ray Train Controller" not in second.stderr, repeated
-    assert "Reporting training result" not in second.stderr and any(ln.startswith("step 40/40 ") for ln in lines)
+    assert "Reporting training result" not in second.stderr and "PreemptionWatcher" not in second.stderr
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert len(steps) == len(set(steps)) and steps[-1].startswith("step 40/40 ")
     # finished: Ray Train's checkpoints (ZeRO-2 shards with optimizer state) are gone, the model stays
     assert metrics["checkpoint"] is None and not [d for d in out.glob("*/checkpoint_*") if d.is_dir()]
-    assert (Path(metrics["run_dir"]) / "model" / "model.safetensors").exists()
+    assert len(list(out.glob("*/model/model.safetensors"))) == 1
 
 
 def test_a_changed_world_size_never_loads_a_deepspeed_checkpoint_of_another(students, data_dir, tmp_path):
