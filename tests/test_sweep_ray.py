@@ -282,7 +282,9 @@ def test_a_finished_sweep_rerun_on_a_new_tracking_store_logs_every_trial_there_a
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert (s["trials"], s["skipped"], s["finished"], s["failed"]) == (8, 8, 0, 0)
-    assert "Started a local Ray instance" not in r.stderr and "Trial status" not in r.stderr, r.stderr[-3000:]
+    # no Ray started (its dashboard address would be on the sweep's first line), no Tune
+    assert "Ray dashboard" not in r.stderr and "Trial status" not in r.stderr, r.stderr[-3000:]
+    assert any(ln.startswith("sweep local-test: 8 trials (8 already finished)") for ln in r.stderr.splitlines())
     assert results() == before and len(before) == 8  # nothing trained: the same results, now logged there
     assert {p: p.stat().st_mtime_ns for p in (tmp / "sweeps").glob("*/*/model/*")} == models and models
     old = {x.data.tags["dsbs.trial"]: x for x in _trial_runs(resumed_sweep["uri"], "local-test")}
@@ -350,6 +352,7 @@ def test_one_sweep_trains_a_t5_and_a_decoder_only_student_and_reports_both(stude
     repeated = {ln: n for ln, n in Counter(lines).items() if n > 1 and "%|" not in ln}
     assert not repeated and "Failed to query Ray Train Controller" not in r.stderr, repeated
     assert "logging_progress" not in r.stderr and "Trial status" not in r.stderr
+    assert "process(es) this command had started" not in r.stderr  # a clean end: nothing for the exit net
     assert all(x.info.status == "FINISHED" and 0.0 <= x.data.metrics["accuracy"] <= 1.0 for x in runs)
     text = Path(summary["report"]).read_text()
     assert "| svamp | released | t5-tiny-s | seq2seq |" in text
