@@ -10,7 +10,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_STORE ?= sqlite:///mlflow.db
 IMAGE ?= ghcr.io/dsbs-ray/dsbs-ray:gpu
 
-.PHONY: install browser demo test teacher sweep mlflow-ui bench image clean
+.PHONY: install browser demo effect test teacher sweep mlflow-ui bench image clean
 
 install: $(STAMP)
 
@@ -41,6 +41,18 @@ demo: install
 	@echo "    report:    work/sweeps/local/report/report.md (figures beside it; also in MLflow)"
 	@echo "    MLflow UI: make mlflow-ui, then open the link (the sweep's trials, in the model-training view):"
 	@$(DSBS) mlflow-links --tracking-uri $(MLFLOW_STORE) --base-url http://127.0.0.1:$(MLFLOW_PORT) | sed 's/^/      /'
+	@echo "    The demo's students train for a few steps: its accuracies are noise. Whether distilling"
+	@echo "    step-by-step beats finetuning for a real pretrained student is measured by the effect sweep:"
+	@echo "    README.md, section \"The paper's effect, measured\" (its table, wall time and how to read it);"
+	@echo "    run it with: make effect   (sweeps/effect-cpu.yaml, under 2 hours on 2 cores)"
+
+# The paper's effect on this box (sweeps/effect-cpu.yaml): SmolLM2-135M on CQA, finetune vs dsbs-gold,
+# 2 fractions x 2 seeds, whole test split; resumable (rerun to finish an interrupted run).
+effect: install
+	@echo "==> effect sweep: sweeps/effect-cpu.yaml (8 trials, 2 at a time; under 2 hours on 2 cores)"
+	@time $(DSBS) sweep sweeps/effect-cpu.yaml
+	@echo "    report: work/sweeps/effect-cpu/report/report.md (per fraction: both methods and the paired"
+	@echo "    dsbs - finetune difference with 95 % bootstrap intervals; valid accuracy by step)"
 
 test: install browser
 	$(PY) -m pytest -q --durations=40 tests

@@ -9,7 +9,7 @@ import time
 import torch
 
 from dsbs_ray.backends import TorchBackend
-from dsbs_ray.data import bucketed_batches, length_key, prepare_data
+from dsbs_ray.data import bucketed_batches, prepare_data
 from dsbs_ray.families import seq2seq
 from dsbs_ray.job import load_config, resolve_paths
 from dsbs_ray.loss import multitask_loss
@@ -26,7 +26,7 @@ with tempfile.TemporaryDirectory() as d:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     _, tok = load_student(path, device.type)
     tokens = prepare_data(cfg, tok, seq2seq)["train"]
-    keys = [length_key(tokens, i) for i in range(len(tokens["labels"]))]
+    keys = [seq2seq.length_key(tokens, i) for i in range(len(tokens["labels"]))]
     batches = bucketed_batches(keys, 64, 0, 0)
 
     for variant in variants:

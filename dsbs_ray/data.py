@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dsbs_ray.annotations import read_samples
+from dsbs_ray.cache import cache_dir
 from dsbs_ray.errors import UserError
 from dsbs_ray.rationales import choose, vote
 from dsbs_ray.tasks import Example, Parsed, Task, get_task, load_examples, load_teacher_outputs, teacher_examples
@@ -185,19 +186,6 @@ PREDICT_PREFIX = "predict: "
 EXPLAIN_PREFIX = "explain: "
 
 
-def hash_file(path: Path, digest=None):
-    """sha256 of a file's bytes, read in blocks (or fed into `digest`, returned)."""
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSBS_CACHE", Path.home() / ".cache" / "dsbs"))
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies what a tokenizer does (class and vocabulary), not where it was loaded from."""
     vocab = sorted(tokenizer.get_vocab().items())
@@ -245,13 +233,6 @@ def tokenize_split(
     return out
 
 
-def length_key(tokens: dict, i: int) -> tuple[int, int]:
-    """A row's sort key for bucketing: input length first (the encoder runs over it once per task and
-    attention grows with its square; measured on CQA it pads least), then target length."""
-    target = tokens["rationale_ids"][i] if "rationale_ids" in tokens else tokens["labels"][i]
-    return len(tokens["input_ids"][i]), len(target)
-
-
 def trained_tokens(tokens: dict, rows: list[int]) -> int:
     """Tokens a step trains on for these rows: each task's prompt and target, no padding (a row
     without a rationale trains no explain task). The cost ledger's unit of training work."""
@@ -286,15 +267,3 @@ def shard_batch(batch: list[int], keys: list[tuple], world: int, rank: int, accu
     rows = sorted(batch, key=lambda i: (keys[i], i), reverse=True)
     slices = np.array_split(np.array(rows, dtype=np.int64), world * accum)
     return [s.tolist() for s in slices[rank * accum:(rank + 1) * accum]]
-
-
-def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(padded ids, attention mask) for a list of token-id lists, padded to the longest (at least 1
-    wide: a batch of rows without rationale targets still has a shape, all padding)."""
-    width = max(1, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return out, mask

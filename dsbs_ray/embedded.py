@@ -26,7 +26,7 @@ def smollm2_tokenizer_path() -> Path:
     """SmolLM2's tokenizer alone, for counting tokens: the converted checkpoint's when there is one,
     else read from the GGUF's vocabulary and saved once (seconds; a trial that only counts a
     teacher's tokens never converts the model)."""
-    from dsbs_ray.data import cache_dir
+    from dsbs_ray.cache import cache_dir
 
     model = cache_dir() / "models" / "smollm2-135m-instruct"
     return model if model.is_dir() else _converted("smollm2-135m-instruct-tokenizer", _write_tokenizer)
@@ -36,7 +36,7 @@ def _converted(name: str, write) -> Path:
     """DSBS_CACHE/models/<name>, written by write(gguf_dir, dir) the first time. Writers take turns on a
     lock (a second one waits, then finds the first's result instead of redoing it); each writes a temp
     dir that is renamed into place whole, so a reader never sees half of one."""
-    from dsbs_ray.data import cache_dir
+    from dsbs_ray.cache import cache_dir
 
     out = cache_dir() / "models" / name
     if out.is_dir():

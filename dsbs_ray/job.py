@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dsbs_ray.data import hash_file
+from dsbs_ray.cache import hash_file
 from dsbs_ray.errors import UserError, build
 from dsbs_ray.rationales import RationaleFilter, Unmatched
 from dsbs_ray.students import check_student

@@ -163,10 +163,22 @@ def _correct_by_row(c, run_ids: list[str]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
+def _bootstrap(values, resamples: int, rng) -> tuple[float, float]:
+    """The 95 % percentile-bootstrap interval of the mean of per-row values."""
+    import numpy as np
+
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+PAIRED_COLUMNS = ["task", "teacher", "student", "fraction", "method", "rows", "seeds", "finetune", "finetune_low",
+                  "finetune_high", "accuracy", "accuracy_low", "accuracy_high", "difference", "low", "high"]
+
+
 def paired_differences(df: pd.DataFrame, uri: str, resamples: int = BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
     """Per task, teacher, student and fraction: each dsbs method (and filter) against finetune on the
-    same test rows, as the mean paired difference of correctness (rows' correctness averaged over
-    seeds first) with a 95 % percentile-bootstrap interval over the rows."""
+    same test rows (rows' correctness averaged over seeds first): both accuracies and the mean paired
+    difference, each with a 95 % percentile-bootstrap interval over the rows."""
     import numpy as np
 
     from dsbs_ray import tracking
@@ -186,15 +198,52 @@ def paired_differences(df: pd.DataFrame, uri: str, resamples: int = BOOTSTRAP_RE
             ids = sorted(set(hits) & set(base_hits))
             if not ids:
                 continue
-            diff = np.array([hits[i] - base_hits[i] for i in ids])
-            rng = np.random.default_rng(0)
-            boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+            ours, theirs = np.array([hits[i] for i in ids]), np.array([base_hits[i] for i in ids])
+            intervals = {name: _bootstrap(v, resamples, np.random.default_rng(0))  # the same resamples for all
+                         for name, v in (("finetune", theirs), ("accuracy", ours), ("difference", ours - theirs))}
             rows.append({"task": task, "teacher": teacher, "student": student, "fraction": fraction, "method": method,
                          "rows": len(ids), "seeds": int(min(runs.seed.nunique(), base.seed.nunique())),
-                         "difference": float(diff.mean()), "low": float(np.percentile(boot, 2.5)),
-                         "high": float(np.percentile(boot, 97.5))})
-    return pd.DataFrame(rows, columns=["task", "teacher", "student", "fraction", "method", "rows", "seeds",
-                                       "difference", "low", "high"])
+                         "finetune": float(theirs.mean()), "finetune_low": intervals["finetune"][0],
+                         "finetune_high": intervals["finetune"][1], "accuracy": float(ours.mean()),
+                         "accuracy_low": intervals["accuracy"][0], "accuracy_high": intervals["accuracy"][1],
+                         "difference": float((ours - theirs).mean()), "low": intervals["difference"][0],
+                         "high": intervals["difference"][1]})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def valid_curves(df: pd.DataFrame, uri: str) -> pd.DataFrame:
+    """Valid accuracy at each evaluation step (MLflow's metric history of each trial), mean over seeds
+    per task, student, method and fraction: whether training had stopped improving where it stopped."""
+    from dsbs_ray import tracking
+
+    c = tracking.client(uri)
+    points = []
+    for r in df.drop_duplicates("run_id").itertuples():
+        for m in c.get_metric_history(r.run_id, "valid_accuracy"):
+            points.append({"task": r.task, "student": r.student, "method": r.method, "fraction": r.fraction,
+                           "seed": r.seed, "step": m.step, "valid_accuracy": m.value})
+    if not points:
+        return pd.DataFrame(columns=["task", "student", "method", "fraction", "step", "valid_accuracy", "seeds"])
+    curves = pd.DataFrame(points).drop_duplicates(["task", "student", "method", "fraction", "seed", "step"], keep="last")
+    return (curves.groupby(["task", "student", "method", "fraction", "step"])
+            .agg(valid_accuracy=("valid_accuracy", "mean"), seeds=("seed", "nunique")).reset_index())
+
+
+def curve_section(curves: pd.DataFrame) -> list[str]:
+    """The valid curves as a table: one row per cell, one column per evaluation step."""
+    if curves.empty or curves.step.nunique() < 2:
+        return []
+    steps = sorted(curves.step.unique())
+    lines = ["## Valid accuracy by step", "",
+             "Accuracy in % on the valid rows at each evaluation (mean over seeds): where it still rises at the "
+             "last step, more steps would have helped.", "",
+             "| task | student | method | data | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|---|---|" + "---|" * len(steps)]
+    for (task, student, method, fraction), g in curves.groupby(["task", "student", "method", "fraction"]):
+        at = dict(zip(g.step, g.valid_accuracy))
+        lines.append(f"| {task} | {student} | {method} | {fraction * 100:g}% | "
+                     + " | ".join(_pct(at.get(s)) for s in steps) + " |")
+    return lines + [""]
 
 
 def frontier(summary: pd.DataFrame, teacher: dict) -> pd.DataFrame:
@@ -346,7 +395,8 @@ FIGURES = (("accuracy vs data fraction", "accuracy_vs_fraction.png"), ("accuracy
 
 
 def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teacher: dict, paired: pd.DataFrame,
-             n_runs: int, test_limit: int | None = None, prices: str | None = None, phases: list[str] = ()) -> str:
+             n_runs: int, test_limit: int | None = None, prices: str | None = None, phases: list[str] = (),
+             curves: list[str] = ()) -> str:
     scope = f"the first {test_limit} rows of the test split" if test_limit else "the whole test split"
     seeds = int(summary.seeds.max()) if len(summary) else 0
     lines = [f"# Sweep report: {experiment}", "",
@@ -376,16 +426,19 @@ def markdown(experiment: str, summary: pd.DataFrame, front: pd.DataFrame, teache
                      f"{r.fraction * 100:g}% | {_pct(r.accuracy)} | {_usd(r.cost_usd)} | {cheapest} | "
                      f"{_pct(r.best_accuracy)} |")
     lines += ["", "## Distilling step-by-step against finetuning, paired over test rows", "",
-              "Mean difference in test accuracy (points), each row's correctness averaged over seeds, with a 95 % "
-              f"percentile-bootstrap interval over the rows ({BOOTSTRAP_RESAMPLES} resamples).", "",
-              "| task | teacher | student | data | method | rows | seeds | dsbs − finetune | 95 % interval |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "Test accuracy (%) of finetune and of the dsbs method on the same rows, and their mean paired "
+              "difference (points); each row's correctness averaged over seeds first; 95 % percentile-bootstrap "
+              f"intervals over the rows ({BOOTSTRAP_RESAMPLES} resamples).", "",
+              "| task | teacher | student | data | method | rows | seeds | finetune | dsbs | dsbs − finetune |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in paired.itertuples():
         lines.append(f"| {r.task} | {r.teacher} | {r.student} | {r.fraction * 100:g}% | {r.method} | {r.rows} | "
-                     f"{r.seeds} | {100 * r.difference:+.1f} | [{100 * r.low:+.1f}, {100 * r.high:+.1f}] |")
+                     f"{r.seeds} | {100 * r.finetune:.1f} [{100 * r.finetune_low:.1f}, {100 * r.finetune_high:.1f}] | "
+                     f"{100 * r.accuracy:.1f} [{100 * r.accuracy_low:.1f}, {100 * r.accuracy_high:.1f}] | "
+                     f"{100 * r.difference:+.1f} [{100 * r.low:+.1f}, {100 * r.high:+.1f}] |")
     if paired.empty:
-        lines.append("| (no cell has both finetune and a dsbs method with predictions) | | | | | | | | |")
-    lines += ["", "## Figures", ""]
+        lines.append("| (no cell has both finetune and a dsbs method with predictions) | | | | | | | | | |")
+    lines += ["", *curves, "## Figures", ""]
     for title, name in FIGURES:
         lines += [f"![{title}]({name})", ""]
     lines += ["## All results", "",
@@ -448,6 +501,7 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     summary = summarise(df)
     front = frontier(summary, teacher)
     paired = paired_differences(df, uri)
+    curves = valid_curves(df, uri)
     plot_fraction(summary, teacher, out / "accuracy_vs_fraction.png")
     plot_size(summary, teacher, out / "accuracy_vs_size.png")
     plot_cost(summary, teacher, out / "accuracy_vs_cost.png")
@@ -455,12 +509,14 @@ def build_report(experiment: str, uri: str | None = None, out_dir: Path | str | 
     c = tracking.client(uri)
     parent_run_id = parent_run_id or _sweep_run(c, experiment)
     text = markdown(experiment, summary, front, teacher, paired, df.run_name.nunique(),
-                    int(limits.max()) if len(limits) else None, _prices(c, parent_run_id), phase_section(df))
+                    int(limits.max()) if len(limits) else None, _prices(c, parent_run_id), phase_section(df),
+                    curve_section(curves))
     (out / "report.md").write_text(text)
     summary.to_csv(out / "results.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)
     paired.to_csv(out / "paired.csv", index=False)
-    files = [out / n for n in ("report.md", "results.csv", "frontier.csv", "paired.csv")] + \
+    curves.to_csv(out / "valid_curves.csv", index=False)
+    files = [out / n for n in ("report.md", "results.csv", "frontier.csv", "paired.csv", "valid_curves.csv")] + \
         [out / name for _, name in FIGURES]
     if log:
         if parent_run_id is None:  # runs logged by hand, without a sweep: the report gets a run of its own

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray import annotations, rationales
 from dsbs_ray.annotations import DEFAULT_STORE
-from dsbs_ray.data import attach_teacher, hash_file
+from dsbs_ray.cache import hash_file
+from dsbs_ray.data import attach_teacher
 from dsbs_ray.embedded import SMOLLM2, smollm2_path
 from dsbs_ray.errors import UserError
 from dsbs_ray.locks import hold

@@ -4,10 +4,12 @@ that beats that teacher; the released teacher's accuracy from its outputs (test 
 import pandas as pd
 import pytest
 
-from dsbs_ray.report import frontier, markdown, paired_differences, released_teacher_line, run_description, summarise
+from dsbs_ray.report import (
+    PAIRED_COLUMNS, curve_section, frontier, markdown, paired_differences, released_teacher_line, run_description,
+    summarise, valid_curves,
+)
 
-NO_PAIRS = pd.DataFrame(columns=["task", "teacher", "student", "fraction", "method", "rows", "seeds", "difference", "low",
-                                 "high"])
+NO_PAIRS = pd.DataFrame(columns=PAIRED_COLUMNS)
 T_975_DF1 = 12.7062  # the 97.5 % quantile of Student's t with 1 degree of freedom
 
 
@@ -150,6 +152,42 @@ def test_paired_difference_over_test_rows_with_a_bootstrap_interval(tmp_path):
     se = np.std(per_row, ddof=1) / np.sqrt(n)
     assert r.low < r.difference < r.high
     assert (r.high - r.low) == pytest.approx(2 * 1.96 * se, rel=0.2)  # the bootstrap agrees with the normal width
+    # each method's own accuracy on the same rows, with its interval
+    for name, hits in (("finetune", base), ("accuracy", dsbs)):
+        per_row = [(hits[0][i] + hits[1][i]) / 2 for i in range(n)]
+        assert r[name] == pytest.approx(np.mean(per_row), abs=1e-12)
+        assert r[f"{name}_low"] < r[name] < r[f"{name}_high"]
+        assert (r[f"{name}_high"] - r[f"{name}_low"]) == pytest.approx(
+            2 * 1.96 * np.std(per_row, ddof=1) / np.sqrt(n), rel=0.2)
+    summary = summarise(collect_trials("paired", uri))
+    text = markdown("paired", summary, frontier(summary, {}), {}, paired, 4)
+    assert (f"| {100 * r.finetune:.1f} [{100 * r.finetune_low:.1f}, {100 * r.finetune_high:.1f}] | "
+            f"{100 * r.accuracy:.1f} [{100 * r.accuracy_low:.1f}, {100 * r.accuracy_high:.1f}] | "
+            f"{100 * r.difference:+.1f} [{100 * r.low:+.1f}, {100 * r.high:+.1f}] |") in text
+
+
+def test_valid_curves_average_each_steps_accuracy_over_seeds(tmp_path):
+    from dsbs_ray import tracking
+    from dsbs_ray.report import collect_trials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = c.create_experiment("curves", artifact_location=str(tmp_path / "artifacts"))
+    history = {("finetune", 0): [0.2, 0.4, 0.5], ("finetune", 1): [0.3, 0.4, 0.45], ("dsbs-gold", 0): [0.1, 0.5, 0.6],
+               ("dsbs-gold", 1): [0.3, 0.5, 0.6]}
+    for (method, seed), values in history.items():
+        _log_trial(c, exp, method, seed, {"0": True})
+    for run in c.search_runs([exp], filter_string="tags.`dsbs.role` = 'trial'"):
+        values = history[run.data.params["method"], int(run.data.params["seed"])]
+        for step, v in zip((10, 20, 30), values):
+            tracking.log_metrics(c, run.info.run_id, {"valid_accuracy": v}, step=step)
+    curves = valid_curves(collect_trials("curves", uri), uri)
+    got = {(r.method, r.step): (round(r.valid_accuracy, 6), r.seeds) for r in curves.itertuples()}
+    assert got == {("finetune", 10): (0.25, 2), ("finetune", 20): (0.4, 2), ("finetune", 30): (0.475, 2),
+                   ("dsbs-gold", 10): (0.2, 2), ("dsbs-gold", 20): (0.5, 2), ("dsbs-gold", 30): (0.6, 2)}
+    lines = curve_section(curves)
+    assert "| step 10 | step 20 | step 30 |" in lines[4]
+    assert any(line.endswith("| finetune | 100% | 25.0 | 40.0 | 47.5 |") for line in lines), lines
 
 
 def test_the_run_description_keeps_tables_and_names_figures_within_mlflows_limit():

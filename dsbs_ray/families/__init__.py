@@ -7,6 +7,7 @@
     encode_prompts(tokenizer, texts, n)   token ids of `predict: x` / `explain: x` (what the model conditions on)
     encode_targets(tokenizer, texts, n)   token ids of a label or rationale, ending in EOS
     pad_id(tokenizer)                     the id padding is written with (always masked)
+    length_key(tokens, i)                 row i's sort key for length-bucketed batches
     collate(tokens, rows, pad_id)         a training micro-batch (tensors)
     MultiTask(student)                    forward(**batch) -> per task (summed token loss, token count)
     generate_batch(student, tokenizer, prompts, max_new_tokens, device, synced)   greedy target texts

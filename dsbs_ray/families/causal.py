@@ -5,8 +5,10 @@ Each task of a row is one sequence, prompt then target then EOS:
     predict: {x}\\n{label}<eos>          explain: {x}\\n{rationale}<eos>
 
 with the loss on the target tokens only (prompt and padding are -100). Standard finetuning and
-distillation train the predict sequence alone, on `{x}\\n{label}<eos>`. Training pads on the right;
-generation pads on the left, so every prompt ends where the greedy continuation starts.
+distillation train the predict sequence alone, on `{x}\\n{label}<eos>`. Training packs a micro-batch's
+sequences into a few rows (attention cannot cross sequences; no padding but a row's tail) and runs
+one forward for both tasks; generation pads on the left, so every prompt ends where the greedy
+continuation starts.
 """
 
 from __future__ import annotations
@@ -64,57 +66,97 @@ def encode_targets(tokenizer, texts: list[str], max_length: int) -> list[list[in
             for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def _join(prompts: list[list[int]], targets: list[list[int]], pad: int):
-    """(ids, attention mask, labels): prompt + target per row, right-padded; labels hold the target
-    tokens at their own positions (HF's convention: position t's logits predict label t + 1)."""
-    width = max(1, max(len(p) + len(t) for p, t in zip(prompts, targets)))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    labels = torch.full((len(prompts), width), -100, dtype=torch.long)
-    for i, (p, t) in enumerate(zip(prompts, targets)):
-        ids[i, :len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
-        mask[i, :len(p) + len(t)] = 1
-        labels[i, len(p):len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
-    return ids, mask, labels
+PACK_WIDTH = 256  # packed rows are at least this wide: a few sequences share a row, and attention over
+# 256 positions is a small part of a 135M-parameter forward (the linear layers dominate below ~1k)
+
+
+def sequences(tokens: dict, rows: list[int]) -> list[tuple[list[int], list[int], int]]:
+    """(prompt, target, task) for each sequence the rows train: task 0 predicts the label, task 1
+    explains (dsbs; a row without a rationale has no explain sequence)."""
+    out = [(tokens["input_ids"][i], tokens["labels"][i], 0) for i in rows]
+    if "rationale_ids" in tokens:
+        out += [(tokens["expl_input_ids"][i], tokens["rationale_ids"][i], 1) for i in rows if tokens["rationale_ids"][i]]
+    return out
+
+
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into bins holding at most `width` tokens
+    (a longer sequence gets a bin of its own). Deterministic: ties keep index order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(width - lengths[i])
+    return bins
 
 
 def collate(tokens: dict, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """The predict sequences (and for dsbs the explain sequences), each padded to its own longest."""
-    batch = {}
-    batch["input_ids"], batch["attention_mask"], batch["labels"] = _join(
-        [tokens["input_ids"][i] for i in indices], [tokens["labels"][i] for i in indices], pad_id)
-    if "expl_input_ids" in tokens:
-        batch["expl_input_ids"], batch["expl_attention_mask"], batch["rationale_ids"] = _join(
-            [tokens["expl_input_ids"][i] for i in indices], [tokens["rationale_ids"][i] for i in indices], pad_id)
+    """Every sequence of the rows (predict, and for dsbs explain), packed several to a row: each
+    sequence's position ids restart at 0, which makes transformers' attention mask block-diagonal
+    (a token sees only its own sequence: the same logits as the sequence alone). Rows are as wide as
+    the longest sequence or PACK_WIDTH; the tail of a row is padding, a sequence of its own whose
+    labels are masked. labels / rationale_ids hold each task's target tokens at their own positions
+    (HF's convention: position t's logits predict label t + 1), -100 everywhere else."""
+    seqs = sequences(tokens, indices)
+    lengths = [len(p) + len(t) for p, t, _ in seqs]
+    width = max([PACK_WIDTH, *lengths])
+    bins = pack(lengths, width)
+    width = max(sum(lengths[i] for i in b) for b in bins)  # no wider than the fullest row
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    targets = torch.full((2, len(bins), width), -100, dtype=torch.long)
+    for r, b in enumerate(bins):
+        at = 0
+        for i in b:
+            prompt, target, task = seqs[i]
+            n = len(prompt) + len(target)
+            ids[r, at:at + n] = torch.tensor(prompt + target, dtype=torch.long)
+            positions[r, at:at + n] = torch.arange(n)
+            targets[task, r, at + len(prompt):at + n] = torch.tensor(target, dtype=torch.long)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    batch = {"input_ids": ids, "position_ids": positions, "labels": targets[0]}
+    if "rationale_ids" in tokens:
+        batch["rationale_ids"] = targets[1]
     return batch
 
 
+def length_key(tokens: dict, i: int) -> tuple[int, int]:
+    """A row's sort key for bucketing: its longest sequence (what sets a packed row's width when it
+    is long), then all its tokens."""
+    lengths = [len(tokens["input_ids"][i]) + len(tokens["labels"][i])]
+    if tokens.get("rationale_ids") and tokens["rationale_ids"][i]:
+        lengths.append(len(tokens["expl_input_ids"][i]) + len(tokens["rationale_ids"][i]))
+    return max(lengths), sum(lengths)
+
+
 class MultiTask(torch.nn.Module):
-    """Wraps a causal LM; forward returns per-task (summed token loss, token count): one forward per
-    task, each on its own sequences. For plain-head models the LM head and cross-entropy run on the
-    target positions only."""
+    """Wraps a causal LM; forward returns per-task (summed token loss, token count) from one forward
+    over the packed rows. For plain-head models the LM head and cross-entropy run on the target
+    positions only. attention_mask (padded rows, one sequence each) works too, in place of position_ids."""
 
     def __init__(self, student):
         super().__init__()
         self.student = student
         self.head_on_targets = student.config.model_type in PLAIN_HEAD
 
-    def _task(self, input_ids, attention_mask, labels):
-        targets = labels[:, 1:]  # position t predicts token t + 1
+    def forward(self, input_ids, labels, position_ids=None, rationale_ids=None, attention_mask=None):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        tasks = [labels[:, 1:]] + ([] if rationale_ids is None else [rationale_ids[:, 1:]])  # t predicts t + 1
         if not self.head_on_targets:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return token_loss_sums(logits[:, :-1], targets)
-        hidden = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                         use_cache=False).last_hidden_state[:, :-1]
-        keep = targets != -100
-        return token_loss_sums(self.student.get_output_embeddings()(hidden[keep]), targets[keep])
-
-    def forward(self, input_ids, attention_mask, labels, expl_input_ids=None, expl_attention_mask=None,
-                rationale_ids=None):
-        pred = self._task(input_ids, attention_mask, labels)
-        if expl_input_ids is None:
-            return pred, None
-        return pred, self._task(expl_input_ids, expl_attention_mask, rationale_ids)
+            logits = self.student(**kwargs).logits[:, :-1]
+            sums = [token_loss_sums(logits, targets) for targets in tasks]
+        else:
+            hidden = self.student.base_model(**kwargs).last_hidden_state[:, :-1]
+            head = self.student.get_output_embeddings()
+            sums = [token_loss_sums(head(hidden[targets != -100]), targets[targets != -100]) for targets in tasks]
+        return sums[0], (sums[1] if rationale_ids is not None else None)
 
 
 def generate_batch(student, tokenizer, prompts: list[list[int]], max_new_tokens: int, device,

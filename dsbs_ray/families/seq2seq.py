@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsbs_ray.data import pad
 from dsbs_ray.loss import token_loss_sums
 
 NAME = "seq2seq"
@@ -63,6 +62,25 @@ def collate(tokens: dict, indices: list[int], pad_id: int) -> dict[str, torch.Te
             [tokens["expl_input_ids"][i] for i in indices], pad_id)
         batch["rationale_ids"], _ = pad([tokens["rationale_ids"][i] for i in indices], -100)
     return batch
+
+
+def length_key(tokens: dict, i: int) -> tuple[int, int]:
+    """A row's sort key for bucketing: input length first (the encoder runs over it once per task and
+    attention grows with its square; measured on CQA it pads least), then target length."""
+    target = tokens["rationale_ids"][i] if "rationale_ids" in tokens else tokens["labels"][i]
+    return len(tokens["input_ids"][i]), len(target)
+
+
+def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded ids, attention mask) for a list of token-id lists, padded to the longest (at least 1
+    wide: a batch of rows without rationale targets still has a shape, all padding)."""
+    width = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return out, mask
 
 
 class MultiTask(torch.nn.Module):
