@@ -49,14 +49,19 @@ def _hf_sums(student, tokenizer, prompts: list[str], targets: list[str]) -> tupl
     return total, count
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.2])
-def test_causal_loss_equals_two_separate_hf_forward_passes(smollm2, alpha):
+@pytest.mark.parametrize("alpha,packed", [(0.5, True), (0.2, True), (0.5, False)])
+def test_causal_loss_equals_two_separate_hf_forward_passes(smollm2, alpha, packed):
+    """Packed (SmolLM2 is a Llama: transformers masks packed sequences for it), and unpacked, one
+    sequence per row, as a model that cannot mask them is trained."""
     student, tokenizer = smollm2
     batch = causal.collate(_tokens(tokenizer), list(range(len(ROWS))), causal.pad_id(tokenizer))
     n_label = int((batch["labels"] != -100).sum())
     n_rationale = int((batch["rationale_ids"] != -100).sum())
+    module = causal.MultiTask(student)
+    assert module.packed and causal.masks_packed_sequences(student)
+    module.packed = packed
     with torch.no_grad():
-        ours = multitask_loss(*causal.MultiTask(student)(**batch), alpha, n_label, n_rationale).item()
+        ours = multitask_loss(*module(**batch), alpha, n_label, n_rationale).item()
         pred_sum, pred_n = _hf_sums(student, tokenizer, [PREDICT_PREFIX + r["input"] for r in ROWS],
                                     [r["label"] for r in ROWS])
         expl_sum, expl_n = _hf_sums(student, tokenizer, [EXPLAIN_PREFIX + r["input"] for r in ROWS],

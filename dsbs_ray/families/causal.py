@@ -136,19 +136,55 @@ def length_key(tokens: dict, i: int) -> tuple[int, int]:
     return max(lengths), sum(lengths)
 
 
+def masks_packed_sequences(student) -> bool:
+    """Whether this model keeps attention inside each packed sequence: transformers builds the
+    block-diagonal mask from restarting position ids in its masking utils (`create_causal_mask`, with
+    no attention_mask), which Llama, Mistral, Qwen and most current causal LMs call. A model that
+    does not is trained one sequence per row instead (MultiTask.unpack): exact either way."""
+    import inspect
+
+    try:
+        return "create_causal_mask" in inspect.getsource(type(student.base_model).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def unpack(input_ids, position_ids, *targets):
+    """The packed rows back as one right-padded row per sequence (ids, attention mask, targets)."""
+    spans = []
+    for r, positions in enumerate(position_ids.tolist()):
+        starts = [j for j, pos in enumerate(positions) if pos == 0] + [len(positions)]
+        spans += [(r, a, b) for a, b in zip(starts, starts[1:])
+                  if any((t[r, a:b] != -100).any() for t in targets)]  # (a row's padded tail trains nothing)
+    width = max(b - a for _, a, b in spans)
+    ids = torch.zeros((len(spans), width), dtype=torch.long, device=input_ids.device)
+    mask = torch.zeros_like(ids)
+    out = [torch.full_like(ids, -100) for _ in targets]
+    for i, (r, a, b) in enumerate(spans):
+        ids[i, :b - a], mask[i, :b - a] = input_ids[r, a:b], 1
+        for o, t in zip(out, targets):
+            o[i, :b - a] = t[r, a:b]
+    return ids, mask, out
+
+
 class MultiTask(torch.nn.Module):
     """Wraps a causal LM; forward returns per-task (summed token loss, token count) from one forward
-    over the packed rows. For plain-head models the LM head and cross-entropy run on the target
-    positions only. attention_mask (padded rows, one sequence each) works too, in place of position_ids."""
+    over the packed rows (a model that cannot mask packed sequences gets them unpacked, one per row).
+    For plain-head models the LM head and cross-entropy run on the target positions only."""
 
     def __init__(self, student):
         super().__init__()
         self.student = student
         self.head_on_targets = student.config.model_type in PLAIN_HEAD
+        self.packed = masks_packed_sequences(student)
 
     def forward(self, input_ids, labels, position_ids=None, rationale_ids=None, attention_mask=None):
+        tasks = [labels] + ([] if rationale_ids is None else [rationale_ids])
+        if position_ids is not None and not self.packed:
+            input_ids, attention_mask, tasks = unpack(input_ids, position_ids, *tasks)
+            position_ids = None
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        tasks = [labels[:, 1:]] + ([] if rationale_ids is None else [rationale_ids[:, 1:]])  # t predicts t + 1
+        tasks = [t[:, 1:] for t in tasks]  # position t's logits predict token t + 1
         if not self.head_on_targets:
             logits = self.student(**kwargs).logits[:, :-1]
             sums = [token_loss_sums(logits, targets) for targets in tasks]
