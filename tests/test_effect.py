@@ -32,7 +32,7 @@ def test_the_effect_sweep_runs_at_a_few_steps_and_reports_its_intervals_and_curv
     assert (summary["trials"], summary["finished"], summary["failed"]) == (4, 4, 0)
     results = [json.loads(p.read_text()) for p in (tmp_path / "sweeps").glob("*/*/result.json")]
     assert len(results) == 4 and {(x["method"], x["seed"]) for x in results} == {
-        ("standard", 0), ("standard", 1), ("dsbs", 0), ("dsbs", 1)}
+        ("finetune", 0), ("finetune", 1), ("dsbs-gold", 0), ("dsbs-gold", 1)}
     # 90 train rows after the 10-row valid carve; 25 %: 22 rows, the same for both methods
     assert {(x["family"], x["steps"], x["test_rows"], x["valid_rows"], x["train_rows"]) for x in results} == {
         ("causal", 4, 16, 10, 22)}
