@@ -104,14 +104,28 @@ def set_tags(mlflow_client, run_id: str, tags: dict) -> None:
         mlflow_client.log_batch(run_id, tags=batch)
 
 
+_LOGGED_STEPS: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps in its history
+
+
 def log_metrics(mlflow_client, run_id: str, metrics: dict, step: int = 0) -> None:
+    """Numeric metrics at `step`, skipping a (metric, step) the run's history already holds: a trial
+    killed after logging a step and rerun into the same run logs that step once, not twice."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    batch = []
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        steps = _LOGGED_STEPS.get((run_id, k))
+        if steps is None:
+            steps = _LOGGED_STEPS[(run_id, k)] = {m.step for m in mlflow_client.get_metric_history(run_id, k)}
+        if step not in steps:
+            batch.append(Metric(k, float(v), now, step))
     if batch:
         mlflow_client.log_batch(run_id, metrics=batch)
+        for m in batch:
+            _LOGGED_STEPS[(run_id, m.key)].add(step)
 
 
 def log_run(experiment: str, run_name: str, params: dict, metrics: dict, artifacts: list[Path] = (),

@@ -190,6 +190,22 @@ def test_valid_curves_average_each_steps_accuracy_over_seeds(tmp_path):
     assert any(line.endswith("| finetune | 100% | 25.0 | 40.0 | 47.5 |") for line in lines), lines
 
 
+def test_a_rerun_logging_the_same_steps_again_leaves_one_point_per_step(tmp_path):
+    """A trial killed after logging step 10 and rerun into its reopened MLflow run (a fresh process:
+    nothing cached) logs steps 10 and 20: the history holds each step once, the first value kept."""
+    from dsbs_ray import tracking
+
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("rerun", artifact_location=str(tmp_path / "artifacts"))
+    run_id = c.create_run(exp).info.run_id
+    tracking.log_metrics(c, run_id, {"loss": 2.0, "valid_accuracy": 0.1}, step=10)
+    tracking._LOGGED_STEPS.clear()  # (the rerun's process)
+    for step, loss in ((10, 1.5), (20, 1.0)):
+        tracking.log_metrics(c, run_id, {"loss": loss, "valid_accuracy": 0.2}, step=step)
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(10, 2.0), (20, 1.0)]
+    assert [m.step for m in c.get_metric_history(run_id, "valid_accuracy")] == [10, 20]
+
+
 def test_the_run_description_keeps_tables_and_names_figures_within_mlflows_limit():
     summary = summarise(pd.concat([_trials().assign(student=f"s{i}") for i in range(60)], ignore_index=True))
     text = markdown("x", summary, frontier(summary, {}), {}, NO_PAIRS, 8)
