@@ -3,7 +3,8 @@ run that uses the same teacher, so nothing is generated twice.
 
     STORE/TASK/SPLIT/KEY/teacher.json     what KEY hashes: teacher, prompt hash, sampling, task, split
     STORE/TASK/SPLIT/KEY/parts/*.parquet  samples: row_key, row_id, sample, raw, rationale, label,
-                                          parse_status, output_tokens (thousands of rows a file)
+                                          parse_status, output_tokens, error (thousands of rows a file;
+                                          a refused request: parse_status failed, its reason in error)
     STORE/TASK/SPLIT/KEY/done/ROWS-kK.json  a finished request (these rows, K samples) and its report
 
 A row is keyed by its content (id and input), so a request for more rows, or more samples, reuses
@@ -25,7 +26,17 @@ from dsbs_ray.errors import UserError
 from dsbs_ray.tasks import Example, Parsed
 
 DEFAULT_STORE = "work/annotation-store"
-COLUMNS = ("row_key", "row_id", "sample", "raw", "rationale", "label", "parse_status", "output_tokens")
+COLUMNS = ("row_key", "row_id", "sample", "raw", "rationale", "label", "parse_status", "output_tokens", "error")
+FAILED = "failed"  # parse_status of a sample the engine or endpoint refused (its reason in `error`)
+
+
+def _schema():
+    """The parts' columns. Parts written before `error` existed read it as null."""
+    import pyarrow as pa
+
+    return pa.schema([("row_key", pa.string()), ("row_id", pa.string()), ("sample", pa.int64()), ("raw", pa.string()),
+                      ("rationale", pa.string()), ("label", pa.string()), ("parse_status", pa.string()),
+                      ("output_tokens", pa.int64()), ("error", pa.string())])
 
 
 def _digest(obj) -> str:
@@ -60,7 +71,7 @@ def _dataset(entry: Path):
     import pyarrow.dataset as pads
 
     files = sorted(str(p) for p in (entry / "parts").glob("*.parquet"))  # names start with a time: oldest first
-    return pads.dataset(files, format="parquet") if files else None
+    return pads.dataset(files, format="parquet", schema=_schema()) if files else None
 
 
 def done_samples(entry: Path, keys: Sequence[str], samples: int):
@@ -88,7 +99,7 @@ def write_part(entry: Path, records: list[dict]) -> None:
 
     if not records:
         return
-    table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in records])
+    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in records], schema=_schema())
     tmp = entry / "parts" / f".{uuid.uuid4().hex}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, entry / "parts" / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")

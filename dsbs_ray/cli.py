@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from dsbs_ray.errors import UserError, build
+from dsbs_ray.errors import RunFailure, UserError, build
 
 app = typer.Typer(
     add_completion=False,
@@ -57,6 +57,12 @@ def teacher_cmd(
     batch_size: int = typer.Option(16, help="Rows per engine batch."),
     concurrency: int = typer.Option(1, help="vLLM engine replicas."),
     tensor_parallel_size: int = typer.Option(1, help="GPUs per engine replica, for big teachers."),
+    seed: Optional[int] = typer.Option(None, help="Draw samples reproducibly from this seed (part of the store key; "
+                                       "see the README for what each engine reproduces)."),
+    engine_restarts: int = typer.Option(3, help="Restarts of a dead engine before the command stops (samples kept)."),
+    request_retries: int = typer.Option(5, help="Endpoint: retries of a timeout, 408, 429 or 5xx (backoff 1, 2, 4 ... s)."),
+    stall_timeout: float = typer.Option(1800.0, help="Seconds without a sample (engine start included) before the "
+                                        "command stops (samples kept)."),
     prompts_dir: Optional[Path] = typer.Option(None, help="Few-shot prompts NAME.yaml to use instead of each task "
                                                "spec's own prompt."),
     data_dir: Optional[Path] = DataDir,
@@ -75,6 +81,8 @@ def teacher_cmd(
                 AnnotateConfig, task=task, split=split, model=model, endpoint=endpoint, limit=limit or None,
                 temperature=temperature, samples=samples, max_new_tokens=max_new_tokens, structured=structured,
                 batch_size=batch_size, concurrency=concurrency, tensor_parallel_size=tensor_parallel_size,
+                seed=seed, engine_restarts=engine_restarts, request_retries=request_retries,
+                stall_timeout_s=stall_timeout,
                 prompts_dir=str(prompts_dir) if prompts_dir else None, data_dir=str(data_dir) if data_dir else None,
                 out_dir=str(out_dir), store=str(store), tracking_uri=tracking_uri))
     ready = []
@@ -387,20 +395,23 @@ def main() -> None:
     adopt_orphans()
     stops = record_stop_signals()
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops a sweep here, not inside Tune
-    code = 0
+    code, last_line = 0, None
     try:
         app()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code, last_line = 2, f"error: {e}"
+    except RunFailure as e:
+        code, last_line = 1, f"failed: {e}"
     except SystemExit as e:
         if isinstance(e.code, str):  # sys.exit("message"): Python would print it
-            print(e.code, file=sys.stderr)
+            last_line = e.code
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         stops.append(signal.SIGINT)
     finally:
         _end_what_we_started()
+    if last_line:  # after Ray's own shutdown lines: the command's last line says why it ended
+        print(last_line, file=sys.stderr)
     if stops or code == signal.SIGTERM:  # Ray's driver SIGTERM handler exits with the signal number
         signum = stops[0] if stops else signal.SIGTERM
         print(f"interrupted ({signal.Signals(signum).name}): what finished is kept; rerun the same command to "

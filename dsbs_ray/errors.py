@@ -8,6 +8,11 @@ class UserError(Exception):
     pass
 
 
+class RunFailure(Exception):
+    """A run stopped by something outside the user's input (a teacher engine that keeps dying, an
+    endpoint that stopped answering): one line naming the cause, exit code 1, what finished kept."""
+
+
 def build(model_cls, where: str = "", **fields):
     """model_cls(**fields) for a pydantic model; a validation error becomes one UserError line naming
     the field (and `where`, e.g. the config file), never a multi-line pydantic report."""

