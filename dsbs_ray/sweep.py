@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray.annotations import DEFAULT_STORE
-from dsbs_ray.errors import UserError, build
+from dsbs_ray.errors import RunFailure, UserError, build
 from dsbs_ray.job import TrainConfig, load_config, resolve_paths, stored_result, student_name, validate, write_result
 from dsbs_ray.phases import Phases, format_phase_table, phase_metrics, phase_rows
 from dsbs_ray.ledger import Prices
@@ -487,6 +487,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
         return _run_locked(cfg, jobs, uri, experiment, sweep_dir, t0, requests)
 
 
+FAILURE_TAG = "dsbs.failure"  # on the parent run: why the sweep stopped before its trials (one line)
+
+
 def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment: str, sweep_dir: Path,
                 t0: float, requests: list[dict]) -> dict:
     from dsbs_ray import tracking
@@ -507,6 +510,8 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
                                   "dsbs.rationale_filters": ",".join(cfg.filter_list()),
                                   "dsbs.trials": str(len(jobs))})
     c.log_artifact(parent, str(sweep_dir / "sweep.json"))
+    if FAILURE_TAG in c.get_run(parent).data.tags:  # a rerun: the last run's failure is not this one's
+        c.delete_tag(parent, FAILURE_TAG)
     tracking.set_tags(c, parent, {f"dsbs.price.{k}": f"{v:g}" for k, v in cfg.prices.model_dump().items()})
     ui = tracking.ui_base(uri)
     tracking.set_trials_view(c, exp_id, parent, (
@@ -551,6 +556,8 @@ def _run_locked(cfg: SweepConfig, jobs: list[TrainConfig], uri: str, experiment:
                     text = str(r.error).strip()
                     errors[todo[r.config["trial"]].name()] = text.splitlines()[-1][:300] if text else repr(r.error)
     except BaseException as e:
+        if isinstance(e, (RunFailure, UserError)):  # (a teacher stage that failed: no trial started)
+            tracking.set_tags(c, parent, {FAILURE_TAG: str(e)[:1000]})
         c.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 

@@ -47,6 +47,15 @@ def _expected(parts: pd.DataFrame, examples) -> dict:
     return out
 
 
+def _parent_run(uri: str):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    (parent,) = c.search_runs([c.get_experiment_by_name("teacher-test").experiment_id],
+                              filter_string="tags.`dsbs.role` = 'sweep'")
+    return parent
+
+
 @pytest.fixture(scope="module")
 def teacher_sweep(tmp_path_factory, students, data_dir):
     tmp = tmp_path_factory.mktemp("teacher-sweep")
@@ -61,8 +70,12 @@ def teacher_sweep(tmp_path_factory, students, data_dir):
            "annotation_store": str(tmp / "store"), "output_dir": str(tmp / "sweeps"),
            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "max_concurrent_trials": 2}
     path = tmp / "teacher-test.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    # a teacher stage that fails (no sample within 3 s: the engine cannot even start) starts no trial
+    path.write_text(yaml.safe_dump(cfg | {"teacher": cfg["teacher"] | {"stall_timeout_s": 3}}))
     cmd = [PY, "-m", "dsbs_ray", "sweep", str(path)]
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    parent_after_failure = _parent_run(cfg["tracking_uri"])
+    path.write_text(yaml.safe_dump(cfg))
     env, marker = marked_env()
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -70,7 +83,7 @@ def teacher_sweep(tmp_path_factory, students, data_dir):
     parts_before = {p: p.stat().st_mtime_ns for p in (tmp / "store").rglob("*.parquet")}
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
-    return {"tmp": tmp, "first": first, "left_after_first": left_after_first, "second": second, "parts_before": parts_before,
+    return {"tmp": tmp, "failed": failed, "parent_after_failure": parent_after_failure, "first": first, "left_after_first": left_after_first, "second": second, "parts_before": parts_before,
             "summary": json.loads(first.stdout.strip().splitlines()[-1]),
             "rerun": json.loads(second.stdout.strip().splitlines()[-1]), "uri": cfg["tracking_uri"]}
 
@@ -146,3 +159,24 @@ def test_votes_kept_rows_and_provenance_in_mlflow(teacher_sweep, data_dir):
     # the report: a frontier row per teacher and method, with the teacher's vote accuracy on the test rows
     report = Path(teacher_sweep["summary"]["report"]).read_text()
     assert f"| svamp | smollm2-135m-instruct-t0.7-k3 | dsbs-teacher · agree-gold | {100 * vote_accuracy:.1f} (test) |" in report
+
+
+def test_a_sweep_whose_teacher_stage_fails_starts_no_trial_and_says_why_on_its_parent_run(teacher_sweep):
+    from mlflow import MlflowClient
+
+    failed = teacher_sweep["failed"]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1 and last.startswith("failed: teacher engine ") and "no sample arrived for 3 s" in last, \
+        failed.stderr[-3000:]
+    assert "rerun the same command to resume" in last and failed.stdout == ""
+    assert "trial " not in failed.stderr  # no trial started (its first line would say "trial NAME ...")
+    before = teacher_sweep["parent_after_failure"]
+    assert before.info.status == "FAILED" and before.data.tags["dsbs.failure"] == last.removeprefix("failed: ")
+    c = MlflowClient(teacher_sweep["uri"])
+    exp = c.get_experiment_by_name("teacher-test")
+    trials = c.search_runs([exp.experiment_id], filter_string="tags.`dsbs.role` = 'trial'")
+    assert len(trials) == teacher_sweep["summary"]["trials"]  # the trials are the rerun's, none of the failed one
+    # the rerun resumed and finished in the same parent run: FINISHED, and the failure's reason gone
+    parent = _parent_run(teacher_sweep["uri"])
+    assert parent.info.run_id == before.info.run_id
+    assert parent.info.status == "FINISHED" and "dsbs.failure" not in parent.data.tags

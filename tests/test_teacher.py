@@ -2,12 +2,10 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +16,6 @@ from dsbs_ray.embedded import smollm2_path
 from dsbs_ray.engines import bound_cores, engine_env
 from dsbs_ray.teacher import AnnotateConfig, annotate, annotate_all, check
 from dsbs_ray.tasks import load_examples, load_teacher_outputs
-from ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_shutdown")]
 
@@ -126,33 +123,6 @@ def test_ray_data_vllm_annotation_resumes_and_writes_the_released_layout(tmp_pat
     assert [(r["split"], r["complete"], r["generated_now"]) for r in both] == [("test", True, 2), ("train", True, 2)]
     assert len(engine_cores) == 1
     assert len(load_teacher_outputs("svamp", "train", out)) == 2 and len(load_teacher_outputs("svamp", "test", out)) == 8
-
-
-def test_endpoint_mode_against_a_real_vllm_server(tmp_path, data_dir):
-    port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path()),
-         "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "2048", "--enforce-eager", "--enable-prefix-caching"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert server.poll() is None, "vLLM server died"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(2)
-        report = annotate(_cfg(tmp_path, data_dir, limit=4, endpoint=f"http://127.0.0.1:{port}", model="smollm2"))
-        assert report["complete"] and report["rows"] == 4 and report["teacher"] == "smollm2"
-        identity = json.loads((Path(report["store_entry"]) / "teacher.json").read_text())
-        assert identity["teacher"] == f"http://127.0.0.1:{port}#smollm2"  # the store keys it by endpoint and model
-        assert len(load_teacher_outputs("svamp", "test", tmp_path / "ann")) == 4
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # stop what we started, by its PID
-        server.wait(timeout=60)
 
 
 def _tree(root: Path) -> dict:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from leftovers import marked, marked_env, marked_pids, survivors
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +59,10 @@ def _stored(store: Path) -> pd.DataFrame:
     return pads.dataset(files).to_table().to_pandas() if files else pd.DataFrame(columns=["row_key", "sample", "raw"])
 
 
-def _run_killing_engines(cmd: list[str], kill) -> tuple[subprocess.CompletedProcess, int, float]:
-    """Run `cmd`; SIGKILL a vLLM engine core when kill(nth engine, samples done so far, seconds it has
-    lived) says so. Returns the finished command, the kills and the wall seconds."""
+def _run_watching(cmd: list[str], act) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd`, calling act(samples done so far, engines) every 0.2 s, where engines maps each vLLM
+    engine core's PID to (its rank in start order, seconds it has lived). Returns the finished command
+    and its wall seconds. No process of the command may outlive it."""
     env, marker = marked_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err, done = [], [0]
@@ -75,17 +78,14 @@ def _run_killing_engines(cmd: list[str], kill) -> tuple[subprocess.CompletedProc
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    t0, seen, killed = time.time(), {}, set()
+    t0, born = time.time(), {}
     try:
         while proc.poll() is None and time.time() - t0 < 480:
             for line in marked(marker):
                 if "EngineCor" in line:
-                    pid = int(line.split("[", 1)[1].split("]", 1)[0])
-                    seen.setdefault(pid, (len(seen), time.time()))
-                    nth, born = seen[pid]
-                    if pid not in killed and kill(nth, done[0], time.time() - born):
-                        os.kill(pid, signal.SIGKILL)
-                        killed.add(pid)
+                    born.setdefault(int(line.split("[", 1)[1].split("]", 1)[0]), time.time())
+            ranks = {pid: i for i, pid in enumerate(sorted(born, key=born.get))}
+            act(done[0], {pid: (ranks[pid], time.time() - t) for pid, t in born.items()})
             time.sleep(0.2)
         out = proc.stdout.read()
         proc.wait(timeout=60)
@@ -98,7 +98,22 @@ def _run_killing_engines(cmd: list[str], kill) -> tuple[subprocess.CompletedProc
     left = survivors(marker)
     assert left == [], left
     Path(os.environ.get("DSBS_FAULT_LOG", os.devnull)).write_text("".join(err))
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(err)), len(killed), time.time() - t0
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(err)), time.time() - t0
+
+
+def _run_killing_engines(cmd: list[str], kill) -> tuple[subprocess.CompletedProcess, int, float]:
+    """Run `cmd`, SIGKILLing a vLLM engine core when kill(its rank, samples done, seconds it has lived)
+    says so. Returns the finished command, the kills and the wall seconds."""
+    killed = set()
+
+    def act(done, engines):
+        for pid, (nth, age) in engines.items():
+            if pid not in killed and kill(nth, done, age):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+
+    run, wall = _run_watching(cmd, act)
+    return run, len(killed), wall
 
 
 def test_an_engine_killed_mid_run_restarts_and_a_row_that_does_not_fit_fails_alone(tmp_path):
@@ -152,3 +167,80 @@ def test_an_engine_that_dies_at_every_start_stops_in_one_line_and_a_rerun_resume
     stored = _stored(tmp_path / "store")
     assert len(stored) == 40 and not stored.duplicated(["row_key", "sample"]).any()
     assert set(kept.raw) <= set(stored.raw)  # what was kept was not generated again
+
+
+def _start_server(port: int) -> subprocess.Popen:
+    """The OpenAI-compatible vLLM server with the embedded SmolLM2 on CPU, healthy."""
+    from dsbs_ray.embedded import smollm2_path
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path()),
+         "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "2048", "--enforce-eager", "--enable-prefix-caching"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+        start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert server.poll() is None, "vLLM server died"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("vLLM server not healthy after 300 s")
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its engine core, by the group we started
+        server.wait(timeout=60)
+
+
+def test_an_endpoint_stopped_and_restarted_mid_job_is_retried_and_one_stopped_for_good_ends_in_one_line(tmp_path, data_dir):
+    """A real `vllm serve` (the OpenAI-compatible server) SIGKILLed once 4 samples are in and started
+    again on its port: the job's retries (backoff 1, 2, 4 ... s) carry it over, every row once, keyed by
+    endpoint and model. Killed for good in a second job: that job stops after its retries in one line,
+    exit 1, what arrived kept. Dead before a job starts: one line, exit 2, before Ray starts."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = [_start_server(port)]
+    restarted = []
+
+    def kill_and_restart(done, engines):
+        if done >= 4 and not restarted:
+            _stop_server(server[0])
+            restarted.append(time.time())
+            server[0] = _start_server(port)
+
+    try:
+        cmd = _teacher(tmp_path, "svamp", "--data-dir", str(data_dir), "--limit", "24", "--endpoint", url,
+                       "--model", "smollm2", "--request-retries", "7")
+        run, _ = _run_watching(cmd, kill_and_restart)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert restarted, "the job finished before the server could be stopped"
+        report = json.loads(run.stdout.strip().splitlines()[-1])
+        assert report["complete"] and report["rows"] == 24 and report["teacher"] == "smollm2"
+        identity = json.loads((Path(report["store_entry"]) / "teacher.json").read_text())
+        assert identity["teacher"] == f"{url}#smollm2"  # the store keys it by endpoint and model
+        stored = _stored(tmp_path / "store")
+        assert len(stored) == 24 and not stored.duplicated(["row_key", "sample"]).any()
+
+        # the same split grown to 40 rows; the server dies once 4 of the 16 new samples are in, for good
+        def kill(done, engines):
+            if done >= 4 and server[0].poll() is None:
+                _stop_server(server[0])
+
+        cmd = _teacher(tmp_path, "svamp", "--data-dir", str(data_dir), "--limit", "40", "--endpoint", url,
+                       "--model", "smollm2", "--request-retries", "2")
+        run, wall = _run_watching(cmd, kill)
+        assert run.returncode == 1, run.stderr[-3000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"failed: endpoint {url} stopped answering after 2 retries ("), last
+        arrived = [int(n) for n in re.findall(r"teacher svamp/test:\s+\d+%\|[^|]*\| (\d+)/16 \[", run.stderr)]
+        assert len(_stored(tmp_path / "store")) == 24 + max(arrived, default=0)
+
+        dead = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert dead.returncode == 2 and dead.stderr.strip().splitlines()[-1].startswith(
+            f"error: endpoint {url} is not reachable"), dead.stderr[-2000:]
+    finally:
+        _stop_server(server[0])
