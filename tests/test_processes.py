@@ -51,6 +51,7 @@ def test_dsbs_teacher_leaves_no_process_when_it_ends_and_when_interrupted(tmp_pa
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout.strip().splitlines()[-1])["rows"] == 4
         assert survivors(marker) == []
+        assert "process(es) this command had started" not in done.stderr  # a clean end: nothing for the exit net
 
         # Ctrl-C to the driver alone (as `kill -INT`), once the engine generates: a new split, so it must
         env, marker = marked_env()
