@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+from dsbs_ray.cache import read_json, warn_damaged
 from dsbs_ray.errors import UserError
 from dsbs_ray.tasks import Example, Parsed
 
@@ -85,7 +86,7 @@ def done_samples(entry: Path, keys: Sequence[str], samples: int):
     index: dict = {}
     for i, k in enumerate(keys):  # identical rows share a key, and its samples
         index.setdefault(k, []).append(i)
-    table = ds.to_table(columns=["row_key", "sample"])
+    table = _scan(ds, ["row_key", "sample"])
     for key, k in zip(table.column("row_key").to_pylist(), table.column("sample").to_pylist()):
         if k < samples:
             done[index.get(key, []), k] = True
@@ -116,7 +117,7 @@ def read_samples(entry: Path, examples: Sequence[Example], samples: int,
     out: list[list] = [[None] * samples for _ in keys]
     ds = _dataset(entry)
     if ds is not None and keys:
-        table = ds.to_table(columns=["row_key", "sample"] + wanted,
+        table = _scan(ds, ["row_key", "sample"] + wanted,
                             filter=pc.field("row_key").isin(sorted(set(keys))) & (pc.field("sample") < samples))
         by_key: dict = {}
         for i, k in enumerate(keys):
@@ -139,9 +140,43 @@ def done_path(entry: Path, examples: Sequence[Example], samples: int) -> Path:
 
 
 def finished_report(entry: Path, examples: Sequence[Example], samples: int) -> dict | None:
-    """The report of a finished request for these rows and samples, or None."""
+    """The report of a finished request for these rows and samples, or None. A damaged marker is a
+    miss (one warning line): the request is finished again from the parts, which rewrites it."""
     path = done_path(entry, examples, samples)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        report = read_json(path)
+        if not (isinstance(report, dict) and {"task", "split", "complete"} <= set(report)):
+            raise ValueError("not a finished request's report")
+        return report
+    except ValueError as e:
+        warn_damaged(path, str(e), "the request is checked against the store's samples again")
+        return None
+
+
+def _scan(ds, columns: list[str], **kw):
+    """An entry's parts (its _dataset) as one table; a part that cannot be read is one line naming
+    it and what to do (its samples were paid for: it is never rebuilt or removed here)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return ds.to_table(columns=columns, **kw)
+    except (pa.ArrowException, OSError):
+        bad = []
+        for f in ds.files:
+            try:
+                pq.read_metadata(f)
+                pq.read_table(f, columns=["row_key", "sample"])
+            except (pa.ArrowException, OSError) as e:
+                bad.append((f, str(e).splitlines()[0][:120]))
+        if not bad:
+            raise
+        raise UserError(f"annotation store: part {bad[0][0]} cannot be read ({bad[0][1]})"
+                        + (f" nor {len(bad) - 1} other part(s)" if len(bad) > 1 else "")
+                        + "; restore it from a backup, or move it out of the store and rerun to generate its rows "
+                          "again (they will be drawn anew)") from None
 
 
 def mark_finished(entry: Path, examples: Sequence[Example], samples: int, report: dict) -> None:

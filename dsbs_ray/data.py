@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dsbs_ray.annotations import read_samples
-from dsbs_ray.cache import cache_dir
+from dsbs_ray.cache import cache_dir, warn_damaged
 from dsbs_ray.errors import UserError
 from dsbs_ray.rationales import choose, vote
 from dsbs_ray.tasks import Example, Parsed, Task, get_task, load_examples, load_teacher_outputs, teacher_examples
@@ -211,7 +211,9 @@ def tokenize_split(
     ).encode()).hexdigest()[:24]
     path = cache_dir() / "tokens" / f"{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        cached = _cached_tokens(path, len(rows), explain_inputs, rationale)
+        if cached is not None:
+            return cached
 
     def prompts(prefix):
         return family.encode_prompts(tokenizer, [prefix + r["input"] for r in rows], max_input_length)
@@ -230,6 +232,24 @@ def tokenize_split(
     os.close(fd)
     torch.save(out, tmp)
     os.replace(tmp, path)
+    return out
+
+
+def _cached_tokens(path: Path, n: int, explain_inputs: bool, rationale: bool) -> dict | None:
+    """A token cache entry, or None (one warning line) when it is damaged: unreadable, or not the
+    lists of token ids of these n rows (a file overwritten by another)."""
+    keys = {"input_ids", "labels"} | ({"expl_input_ids"} if explain_inputs else set()) | (
+        {"rationale_ids"} if rationale else set())
+    try:
+        out = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated zip, garbage, pickle refused: all a miss)
+        warn_damaged(path, f"unreadable: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}")
+        return None
+    if not (isinstance(out, dict) and set(out) == keys and all(isinstance(out[k], list) and len(out[k]) == n
+                                                                and all(isinstance(x, list) for x in out[k])
+                                                                for k in keys)):
+        warn_damaged(path, f"not the token ids of these {n} rows")
+        return None
     return out
 
 

