@@ -74,47 +74,36 @@ class Stalled(Exception):
 
 
 def watched(batches, stall_timeout_s: float):
-    """The pipeline's batches, read on a daemon thread, raising Stalled when none arrives for
-    stall_timeout_s. A vLLM engine core killed at the wrong moment can leave its actor waiting for
-    outputs forever, alive, so neither vLLM nor Ray Data notices (seen here: a kill right after start-up);
-    this is what turns that into an end. Closing it closes `batches` on the reader thread."""
-    import queue
+    """The pipeline's batches, raising Stalled when none arrives for stall_timeout_s. A vLLM engine
+    core killed at the wrong moment can leave its actor waiting for outputs forever, alive, so neither
+    vLLM nor Ray Data notices (seen here: a kill right after start-up); this turns that into an end.
+    A SIGALRM timer, re-armed at each batch, interrupts the wait on the main thread (no second thread
+    touches Ray: one still reading after Ray's shutdown would start a new local Ray). Off the main
+    thread there is no timer."""
+    import signal
     import threading
 
-    out: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield from batches
+        return
 
-    def read():
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        out.put(("batch", batch), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    break
-            out.put(("end", None))
-        except BaseException as e:  # noqa: BLE001 (handed to the reading thread)
-            out.put(("error", e))
-        finally:
-            batches.close()
+    def stalled(signum, frame):
+        raise Stalled(f"no sample arrived for {stall_timeout_s:g} s")
 
-    threading.Thread(target=read, daemon=True, name="teacher-batches").start()
+    previous = signal.signal(signal.SIGALRM, stalled)
     try:
         while True:
+            signal.setitimer(signal.ITIMER_REAL, stall_timeout_s)
             try:
-                kind, item = out.get(timeout=stall_timeout_s)
-            except queue.Empty:
-                raise Stalled(f"no sample arrived for {stall_timeout_s:g} s") from None
-            if kind == "end":
+                batch = next(batches)
+            except StopIteration:
                 return
-            if kind == "error":
-                raise item
-            yield item
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            yield batch
     finally:
-        stop.set()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def request_seed(seed: int, row_key: str, sample: int) -> int:

@@ -316,8 +316,8 @@ def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
             names = ", ".join(f"{requests[i].task.name}/{requests[i].split}" for i in pending)
             t0, last_flush, buffers = time.perf_counter(), time.perf_counter(), {i: [] for i in pending}
             bar = tqdm(total=len(todo), desc=f"teacher {names}", unit="sample")
-            batches = watched(iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas")),
-                              spec.stall_timeout_s)
+            pipeline = iter(ds.iter_batches(batch_size=spec.batch_size, batch_format="pandas"))
+            batches = watched(pipeline, spec.stall_timeout_s)
             try:
                 for batch in batches:
                     for row in batch.to_dict("records"):
@@ -347,7 +347,8 @@ def generate_all(spec: TeacherSpec, requests: list[Request], store: Path | str,
                 raise RunFailure(_failure_line(spec, e, sum(generated.values()), len(todo))) from e
             finally:
                 _flush(entries, buffers)  # every sample received is kept, however the pipeline ended
-                batches.close()  # shuts the streaming executor (and its engines) down, also on an early stop
+                batches.close()
+                pipeline.close()  # shuts the streaming executor (and its engines) down, also on an early stop
                 bar.close()
             if stop_after_rows is not None and sum(generated.values()) < len(todo):
                 return [results.get(i) or {"task": requests[i].task.name, "split": requests[i].split,
@@ -375,8 +376,10 @@ def _failure_line(spec: TeacherSpec, error: Exception, done: int, total: int) ->
     """One line for a pipeline that stopped: what died, its own last error, what is kept."""
     kept = f"{done} of {total} samples written this run are kept in the store; rerun the same command to resume"
     if isinstance(error, Stalled):
-        return (f"teacher {spec.endpoint or 'engine ' + spec.label()} stopped answering: {error} (stall_timeout_s; "
-                f"last engine error: {last_engine_error(error)}); {kept}")
+        cause = last_engine_error(error)
+        cause = f"; last engine error: {cause}" if cause != str(error) else ""
+        return (f"teacher {spec.endpoint or 'engine ' + spec.label()} stopped answering: {error} "
+                f"(stall_timeout_s{cause}); {kept}")
     if spec.endpoint:
         cause = str(error).split("Full Traceback")[0]
         cause = cause.split("Previous Exception:")[-1].strip(" .\n") if "Previous Exception" in cause else cause

@@ -116,20 +116,42 @@ def _run_killing_engines(cmd: list[str], kill) -> tuple[subprocess.CompletedProc
     return run, len(killed), wall
 
 
-def test_an_engine_killed_mid_run_restarts_and_a_row_that_does_not_fit_fails_alone(tmp_path):
-    """One engine kill once 4 samples are in: Ray restarts the engine, the retried batches finish, and
-    every (row, sample) is stored exactly once. The two over-long rows are stored as failed with the
-    engine's reason (the split report counts them) and everything else is annotated."""
+def test_an_engine_dying_at_every_start_stops_in_one_line_and_the_rerun_survives_a_kill_and_bad_rows(tmp_path):
+    """A 40-row split with 2 rows longer than the engine's context, --engine-restarts 1.
+
+    First run: the first engine killed once 4 samples are in (or 8 s after it appeared), every
+    restarted one 3 s after it appears (starting or generating): the command stops by itself (never a
+    hang) with one line naming the engine and its last error, exit 1; every sample that arrived is stored.
+
+    The rerun: its first engine killed once: Ray restarts it, the retried batches finish, the rerun
+    generates only what the first run did not store, and every (row, sample) is stored exactly once.
+    The two over-long rows are stored as failed with the engine's reason (the split report counts
+    them) and everything else is annotated."""
     spec = _shop_with_long_rows(tmp_path)
-    cmd = _teacher(tmp_path, str(spec), "--temperature", "0.8", "--seed", "3", "--engine-restarts", "1")
-    run, kills, _ = _run_killing_engines(cmd, lambda nth, done, age: nth == 0 and (done >= 4 or age > 8))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert kills == 1 and "process(es) this command had started" not in run.stderr  # the engines ended in order
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["complete"] and report["rows"] == 40 and report["failed_rows"] == len(LONG_ROWS)
+    cmd = _teacher(tmp_path, str(spec), "--temperature", "0.8", "--seed", "3", "--engine-restarts", "1",
+                   "--stall-timeout", "60")
+    run, kills, wall = _run_killing_engines(cmd, lambda nth, done, age: done >= 4 or age > 8 if nth == 0 else age > 3)
+    assert run.returncode == 1, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    # (a kill at the very start of generation can leave vLLM's client waiting forever, alive: the stall
+    # timeout ends that)
+    assert re.match(r"failed: teacher engine smollm2-135m-instruct-t0.8-k1 (kept dying: engine_restarts 1 used up "
+                    r"\(last engine error: |stopped answering: no sample arrived for 60 s \(stall_timeout_s)", last), last
+    assert "rerun the same command to resume" in last and kills == 2 and wall < 400
+    kept = _stored(tmp_path / "store")
+    arrived = [int(n) for n in re.findall(r"teacher shop/test:\s+\d+%\|[^|]*\| (\d+)/40 \[", run.stderr)]
+    assert len(kept) == max(arrived, default=0) and not kept.duplicated(["row_key", "sample"]).any()
+
+    rerun, kills, _ = _run_killing_engines(cmd, lambda nth, done, age: nth == 0 and (done >= 4 or age > 8))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert kills == 1 and "process(es) this command had started" not in rerun.stderr  # the engines ended in order
+    report = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert report["complete"] and report["rows"] == 40 and report["generated_now"] == 40 - len(kept)
+    assert report["failed_rows"] == len(LONG_ROWS)
     assert "maximum context length" in report["failed_example"], report["failed_example"]
     stored = _stored(tmp_path / "store")
     assert len(stored) == 40 and not stored.duplicated(["row_key", "sample"]).any()  # each exactly once
+    assert set(kept.raw) <= set(stored.raw)  # what was kept was not generated again
     failed = stored[stored.parse_status == "failed"]
     assert sorted(failed.row_id) == sorted(f"shop-{i:04d}" for i in LONG_ROWS)
     assert failed.error.str.contains("maximum context length").all() and (failed.raw == "").all()
@@ -139,34 +161,6 @@ def test_an_engine_killed_mid_run_restarts_and_a_row_that_does_not_fit_fails_alo
     assert (table.set_index("row_id").loc[list(failed.row_id), "parse_status"] == "failed").all()
     identity = json.loads(next((tmp_path / "store").glob("shop/test/*/teacher.json")).read_text())
     assert identity["sampling"]["seed"] == 3  # the seed keys the store entry
-
-
-def test_an_engine_that_dies_at_every_start_stops_in_one_line_and_a_rerun_resumes(tmp_path):
-    """The first engine killed once 4 samples are in (or 8 s after it appeared), every restarted one 3 s
-    after it appears (starting or generating): with --engine-restarts 1 the command stops by itself
-    (never a hang) with one line naming the engine and its last error, exit 1; every sample that
-    arrived is stored; the rerun generates only the rest."""
-    cmd = _teacher(tmp_path, str(_shop_with_long_rows(tmp_path)), "--temperature", "0.8", "--engine-restarts", "1",
-                   "--stall-timeout", "60")
-    run, kills, wall = _run_killing_engines(cmd, lambda nth, done, age: done >= 4 or age > 8 if nth == 0 else age > 3)
-    assert run.returncode == 1, run.stderr[-3000:]
-    last = run.stderr.strip().splitlines()[-1]
-    # (a kill at the very start of generation can leave vLLM's client waiting forever, alive: the stall
-    # timeout ends that)
-    assert re.match(r"failed: teacher engine smollm2-135m-instruct-t0.8-k1 (kept dying: engine_restarts 1 used up|"
-                    r"stopped answering: no sample arrived for 60 s \(stall_timeout_s;) .*last engine error: ", last), last
-    assert "rerun the same command to resume" in last and kills == 2 and wall < 400
-    kept = _stored(tmp_path / "store")
-    arrived = [int(n) for n in re.findall(r"teacher shop/test:\s+\d+%\|[^|]*\| (\d+)/40 \[", run.stderr)]
-    assert len(kept) == max(arrived, default=0) and not kept.duplicated(["row_key", "sample"]).any()
-
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    report = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert report["complete"] and report["rows"] == 40 and report["generated_now"] == 40 - len(kept)
-    stored = _stored(tmp_path / "store")
-    assert len(stored) == 40 and not stored.duplicated(["row_key", "sample"]).any()
-    assert set(kept.raw) <= set(stored.raw)  # what was kept was not generated again
 
 
 def _start_server(port: int) -> subprocess.Popen:
