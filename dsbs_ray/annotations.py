@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from dsbs_ray.cache import read_json, warn_damaged
+from dsbs_ray.cache import read_json_object
 from dsbs_ray.errors import UserError
 from dsbs_ray.tasks import Example, Parsed
 
@@ -145,14 +145,7 @@ def finished_report(entry: Path, examples: Sequence[Example], samples: int) -> d
     path = done_path(entry, examples, samples)
     if not path.exists():
         return None
-    try:
-        report = read_json(path)
-        if not isinstance(report, dict):
-            raise ValueError("not a finished request's report")
-        return report
-    except ValueError as e:
-        warn_damaged(path, str(e), "the request is checked against the store's samples again")
-        return None
+    return read_json_object(path, "the request is checked against the store's samples again")
 
 
 def _scan(ds, columns: list[str], **kw):

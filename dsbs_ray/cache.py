@@ -40,6 +40,19 @@ def read_json(path: Path):
         raise ValueError(f"not valid JSON: {str(e)[:80]}") from None
 
 
+def read_json_object(path: Path, action: str) -> dict | None:
+    """A JSON object file's value; None, after one warning line saying `action`, when it is damaged
+    (not JSON, or JSON but not an object)."""
+    try:
+        value = read_json(path)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+    except ValueError as e:
+        warn_damaged(path, str(e), action)
+        return None
+
+
 def check_safetensors(path: Path) -> None:
     """ValueError unless the file is a whole safetensors file: its header parses and its size is
     exactly what the header's tensor offsets say (a truncated or overwritten file fails)."""

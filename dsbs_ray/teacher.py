@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dsbs_ray import annotations, rationales
 from dsbs_ray.annotations import DEFAULT_STORE, FAILED
-from dsbs_ray.cache import hash_file, read_json, warn_damaged
+from dsbs_ray.cache import hash_file, read_json_object
 from dsbs_ray.data import attach_teacher
 from dsbs_ray.embedded import SMOLLM2, smollm2_path
 from dsbs_ray.engines import Stalled, last_engine_error, request_seed, watched
@@ -211,14 +211,8 @@ def _manifest(task_dir: Path) -> dict:
     path = task_dir / MANIFEST
     if not path.exists():
         return {}
-    try:
-        manifest = read_json(path)
-        if not isinstance(manifest, dict):
-            raise ValueError("not a manifest")
-        return manifest
-    except ValueError as e:
-        warn_damaged(path, str(e), "the files it listed are treated as not written by dsbs teacher")
-        return {}
+    manifest = read_json_object(path, "the files it listed are treated as not written by dsbs teacher")
+    return {} if manifest is None else manifest
 
 
 def _ours(manifest: dict, task_dir: Path, path: Path) -> bool:
